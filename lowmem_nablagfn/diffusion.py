@@ -1,0 +1,186 @@
+"""Per-step Gaussian transitions of the supported samplers, and the scores of ALGORITHM.md.
+
+Both samplers are, step by step, a Gaussian whose mean is *linear* in the current latent and the
+(guided) noise prediction::
+
+    x_{t-1} ~ N(c_x[j] * x_t + c_eps[j] * eps(x_t),  std[j]^2)
+
+DDPM (DDIM with eta = 1)::
+
+    x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    var = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)
+    mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - var) eps
+
+First-order SDE-DPM-Solver++ (sigma_s -> sigma_t, VP alpha/sigma from the solver's sigmas,
+h = lambda_t - lambda_s)::
+
+    mean = (sigma_t / sigma_s) e^{-h} x_t + alpha_t (1 - e^{-2h}) x0,   std = sigma_t sqrt(1 - e^{-2h})
+
+So one code path gives the forward score (closed form) and the reverse score (one vector-Jacobian
+product through the noise model) for either sampler.  Timesteps and alphas come from the diffusers
+schedulers themselves, so the step grid is exactly the one the pipelines use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: Stable Diffusion 1.x noise schedule (also the default scheduler config of the presets).
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+SAMPLERS = ("ddim", "dpm-solver")
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Per-step scalars of a Gaussian sampler with ``T`` steps (index ``j = 0 … T-1``).
+
+    Attributes:
+        name: ``"ddim"`` or ``"dpm-solver"``.
+        timesteps: (T,) long, the UNet timestep at ``x_t`` (981 … 1 for DDIM-50).
+        next_timesteps: (T,) long, the timestep of ``x_{t-1}``; 0 after the last step.
+        c_x, c_eps, std: (T,) float64, mean = c_x x + c_eps eps, standard deviation.
+        alpha_cur, alpha_next: (T,) float64, ``alphas_cumprod`` at ``timesteps`` / ``next_timesteps``.
+        init_noise_sigma: scale of the initial noise.
+        scheduler_config: the diffusers scheduler config (for pipelines built from it).
+    """
+
+    name: str
+    timesteps: Tensor
+    next_timesteps: Tensor
+    c_x: Tensor
+    c_eps: Tensor
+    std: Tensor
+    alpha_cur: Tensor
+    alpha_next: Tensor
+    init_noise_sigma: float
+    scheduler_config: dict
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def gather(self, name: str, step_index: Tensor, like: Tensor) -> Tensor:
+        """Per-row value of a per-step field, shaped to broadcast against ``like`` (N, C, H, W)."""
+        values = getattr(self, name).to(like.device)[step_index.to(like.device)]
+        return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _alphas_cumprod(scheduler_config: dict) -> Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float64)
+
+
+def ddim_schedule(scheduler_config: dict, num_steps: int, eta: float = 1.0) -> StepSchedule:
+    """DDIM with stochasticity ``eta`` (1.0 = DDPM), SD's "leading" timestep spacing."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(num_steps)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    final = torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+    t = sched.timesteps.long()
+    stride = sched.config.num_train_timesteps // num_steps
+    prev = t - stride
+    a_t = ac[t]
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+    var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    c_x = a_prev.sqrt() / a_t.sqrt()
+    c_eps = (1 - a_prev - var).sqrt() - a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
+    next_t = prev.clamp(min=0)
+    return StepSchedule("ddim", t, next_t, c_x, c_eps, var.sqrt(), a_t, ac[next_t],
+                        float(sched.init_noise_sigma), dict(sched.config))
+
+
+def sde_dpmpp1_schedule(scheduler_config: dict, num_steps: int) -> StepSchedule:
+    """First-order SDE-DPM-Solver++ with ``final_sigmas_type="sigma_min"``."""
+    from diffusers import DPMSolverSinglestepScheduler
+
+    cfg = {k: v for k, v in scheduler_config.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    sched = DPMSolverSinglestepScheduler.from_config(
+        cfg, algorithm_type="sde-dpmsolver++", solver_order=1, final_sigmas_type="sigma_min")
+    sched.set_timesteps(num_steps)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    t = sched.timesteps.long()
+    sigmas = sched.sigmas.to(torch.float64)  # (T+1,) in the "variance exploding" parametrisation
+    sig_s, sig_t = sigmas[:-1], sigmas[1:]
+    alpha_s, alpha_t = 1 / (sig_s**2 + 1).sqrt(), 1 / (sig_t**2 + 1).sqrt()
+    vp_s, vp_t = sig_s * alpha_s, sig_t * alpha_t
+    h = (alpha_t.log() - vp_t.log()) - (alpha_s.log() - vp_s.log())
+    coef_x = vp_t / vp_s * torch.exp(-h)
+    coef_x0 = alpha_t * (1 - torch.exp(-2 * h))
+    # x0 = (x - vp_s eps) / alpha_s
+    c_x = coef_x + coef_x0 / alpha_s
+    c_eps = -coef_x0 * vp_s / alpha_s
+    std = vp_t * (1 - torch.exp(-2 * h)).sqrt()
+    next_t = torch.cat([t[1:], t.new_zeros(1)])
+    return StepSchedule("dpm-solver", t, next_t, c_x, c_eps, std, ac[t], ac[next_t],
+                        float(sched.init_noise_sigma), dict(sched.config))
+
+
+def make_schedule(name: str, num_steps: int, eta: float = 1.0,
+                  scheduler_config: Optional[dict] = None) -> StepSchedule:
+    """The one place a sampler name becomes a :class:`StepSchedule`."""
+    scheduler_config = dict(scheduler_config or SD_SCHEDULER_CONFIG)
+    if name == "ddim":
+        return ddim_schedule(scheduler_config, num_steps, eta)
+    if name == "dpm-solver":
+        return sde_dpmpp1_schedule(scheduler_config, num_steps)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+
+
+# ---------------------------------------------------------------- the math of one transition
+
+
+def step_mean(sched: StepSchedule, step_index: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+    """Mean of ``P_F(x_{t-1} | x_t)``. Shapes: x, eps (N, C, H, W); step_index (N,)."""
+    return sched.gather("c_x", step_index, x) * x + sched.gather("c_eps", step_index, x) * eps
+
+
+def forward_score(sched: StepSchedule, step_index: Tensor, x_next: Tensor, mean: Tensor) -> Tensor:
+    """``∇_{x_{t-1}} log P_F(x_{t-1} | x_t) = -(x_{t-1} - mean) / std²`` (keeps mean's graph)."""
+    return -(x_next - mean) / sched.gather("std", step_index, x_next) ** 2
+
+
+def reverse_score(sched: StepSchedule, step_index: Tensor, x: Tensor, eps: Tensor,
+                  x_next: Tensor, retain_graph: bool = False) -> Tensor:
+    """``∇_{x_t} log P_F(x_{t-1} | x_t)`` by one vector-Jacobian product through ``eps(x_t)``.
+
+    With ``u = (x_{t-1} - mean) / std²`` the gradient is ``c_x u + J_eps(x_t)^T (c_eps u)``.
+    ``x`` must require grad and ``eps`` must have been computed from it. The result is detached
+    (first order: no graph to the noise model's parameters).
+
+    Shapes: x, eps, x_next (N, C, H, W); step_index (N,). Returns (N, C, H, W).
+    """
+    mean = step_mean(sched, step_index, x.detach(), eps.detach())
+    u = (x_next - mean) / sched.gather("std", step_index, x) ** 2
+    (vjp,) = torch.autograd.grad(eps, x, grad_outputs=sched.gather("c_eps", step_index, x) * u,
+                                 retain_graph=retain_graph)
+    return (sched.gather("c_x", step_index, x) * u + vjp).detach()
+
+
+def pred_x0(x: Tensor, eps: Tensor, alpha: Tensor) -> Tensor:
+    """Predicted clean latent ``(x - sqrt(1-a) eps) / sqrt(a)``; ``alpha`` broadcastable (N,1,1,1)."""
+    return (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def reward_weight(alpha: Tensor, mode: str) -> Tensor:
+    """``w(ᾱ)`` of the reward score: ``ᾱ`` ("squared", default) or ``√ᾱ`` ("sqrt")."""
+    if mode == "squared":
+        return alpha
+    if mode == "sqrt":
+        return alpha.sqrt()
+    raise ValueError(f"unknown reward_adaptive_mode {mode!r}; choose 'squared' or 'sqrt'")

@@ -1,0 +1,47 @@
+"""Rewards: the interface, the built-in rewards, the registry of reward models and prompt sets.
+
+Reward models proper (aesthetic, HPSv2, ImageReward) live in their own modules and are imported
+lazily, so their heavy dependencies (the ``rewards`` extra) are needed only when used.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import RewardModel
+from .builtin import BUILTIN
+
+#: name -> "module:function" building the reward from a RewardConfig and a device.
+EXTERNAL = {
+    "aesthetic": "lowmem_nablagfn.rewards.aesthetic:build",
+    "hpsv2": "lowmem_nablagfn.rewards.hpsv2:build",
+    "hpsv2.1": "lowmem_nablagfn.rewards.hpsv2:build",
+    "imagereward": "lowmem_nablagfn.rewards.imagereward:build",
+}
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def known_reward(name: str) -> bool:
+    return name in BUILTIN or name in EXTERNAL
+
+
+def reward_names() -> list:
+    return sorted(BUILTIN) + sorted(EXTERNAL)
+
+
+def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
+    """Build the reward named by ``cfg.name`` (a :class:`~lowmem_nablagfn.config.RewardConfig`)."""
+    if cfg.name in BUILTIN:
+        model = BUILTIN[cfg.name]()
+    elif cfg.name in EXTERNAL:
+        module, fn = EXTERNAL[cfg.name].split(":")
+        model = getattr(importlib.import_module(module), fn)(cfg)
+        model.store_weights(_DTYPES[cfg.weight_dtype])  # bf16/fp16 storage, fp32 math: rewards/towers.py
+    else:
+        raise ValueError(f"unknown reward {cfg.name!r}; choose one of {reward_names()}")
+    return model.to(device).eval().requires_grad_(False)
+
+
+__all__ = ["RewardModel", "build_reward", "known_reward", "reward_names"]
