@@ -173,9 +173,11 @@ class DistributedConfig:
     backend: str = "ddp"
     """``ddp`` (gradient all-reduce of the trainable parameters) or ``deepspeed`` (ZeRO)."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage for the trainable modules."""
+    """DeepSpeed ZeRO stage for the trainable modules: 1 (optimiser state partitioned) or 2 (and
+    gradients). Stage 3 is not supported: the LoRA weights are used inside the frozen UNet, outside
+    DeepSpeed's forward, where ZeRO-3 could not gather them."""
     offload_optimizer: bool = False
-    """DeepSpeed: keep optimiser state on the CPU."""
+    """DeepSpeed: keep the AdamW state and fp32 master weights of the trainable modules in CPU memory."""
 
 
 @dataclass
@@ -349,8 +351,10 @@ def validate(cfg: Config) -> Config:
         ("device", cfg.device, ("auto", "cpu", "cuda")),
     ]:
         need(value in allowed, f"{name}={value!r} is unknown; choose one of {', '.join(allowed)}")
-    need(cfg.distributed.zero_stage in (0, 1, 2, 3),
-         f"distributed.zero_stage={cfg.distributed.zero_stage} must be 0, 1, 2 or 3 (2 recommended)")
+    need(cfg.distributed.zero_stage in (1, 2),
+         f"distributed.zero_stage={cfg.distributed.zero_stage} is not supported; use 2 (or 1). Stage 0 "
+         f"is plain gradient averaging (distributed.backend=ddp); stage 3 would partition the LoRA "
+         f"weights, which the frozen UNet uses outside DeepSpeed's forward")
     need(known_reward(cfg.reward.name),
          f"reward.name={cfg.reward.name!r} is unknown; choose one of "
          f"{', '.join(reward_names())}")
@@ -392,6 +396,15 @@ def validate(cfg: Config) -> Config:
         errors.append(f"training.optimizer={t.optimizer!r} cannot be partitioned by DeepSpeed ZeRO; "
                       f"use training.optimizer=adamw with distributed.backend=deepspeed, or "
                       f"distributed.backend=ddp with 8-bit AdamW")
+    if cfg.distributed.offload_optimizer and cfg.distributed.backend != "deepspeed":
+        errors.append("distributed.offload_optimizer=true needs distributed.backend=deepspeed (ZeRO-Offload); "
+                      "with ddp, save optimiser memory with training.optimizer=adamw8bit instead")
+    if cfg.distributed.backend == "deepspeed":
+        import importlib.util
+
+        need(importlib.util.find_spec("deepspeed") is not None,
+             "distributed.backend=deepspeed but deepspeed is not installed: "
+             "pip install 'lowmem-nablagfn[deepspeed]', or use distributed.backend=ddp")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

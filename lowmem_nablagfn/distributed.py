@@ -1,17 +1,96 @@
-"""Process-group helpers: rank information, gradient averaging of the trainable parameters, gathers.
+"""Everything distributed, in one place: joining the process group, synchronising the trainable
+parameters (plain gradient averaging or DeepSpeed ZeRO), collective checkpoints, rank helpers, gathers.
 
-Only trainable parameters (LoRA and flow model) are synchronised; the frozen UNet weights, VAE,
-text encoder and reward model stay plain modules on every rank.  Gradients are averaged with one
-all-reduce per parameter group after accumulation (DDP's semantics; DeepSpeed ZeRO is selected by
-``distributed.backend=deepspeed``).
+Only the trainable parameters (LoRA and flow model) are synchronised; the frozen UNet weights, VAE,
+text encoder and reward model stay plain modules on every rank.  Two synchronisers share one
+interface (:class:`GradientSync`), chosen once by :func:`make_gradient_sync`:
+
+``ddp`` (default) — :class:`DataParallel`: after the last accumulation batch, one all-reduce (mean)
+per parameter group, then clipping per group and one optimiser step: DDP's semantics, every rank
+holding the whole optimiser state.
+
+``deepspeed`` — :class:`ZeroDataParallel`: one DeepSpeed engine per parameter group (LoRA, flow),
+each ZeRO stage 1/2 partitioning its AdamW state (and with ``offload_optimizer`` keeping it and
+the fp32 master weights in CPU memory).  The loss is computed outside the engines — the LoRA
+weights live inside the frozen UNet and the memory plan calls ``.backward()`` itself, once per
+chunk — so the engines' own per-backward reduction cannot be used (ZeRO-2 asserts that a gradient
+is reduced once per backward, and its epilogue only runs after ``engine.backward``).  Instead each
+update runs inside DeepSpeed's ``coalesce_grad_reduction`` window: the backward passes accumulate
+gradients locally, the window's exit reduce-scatters them once (ZeRO-2: each rank keeps its
+partition of the averaged gradient), ``engine.step()`` clips and steps each rank's partition and
+all-gathers the updated weights into the same parameter objects the UNet and flow model use.
+One engine per group keeps the trainer's clipping of each group separately (DeepSpeed's
+``gradient_clipping`` clips the global norm of an engine's parameters).
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+RANK_FILE = "rank-{:05d}.pt"
+SHARD_DIR = "shards"
+
+
+# ----------------------------------------------------------------------------- process group
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched() -> bool:
+    """Started by torchrun / ``deepspeed`` / ``accelerate launch`` / srun+torchrun (env RANK, WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_launcher(dcfg) -> None:
+    """``accelerate launch`` with a DeepSpeed config only launches (it sets ``ACCELERATE_*`` variables
+    for an ``Accelerator`` this trainer does not use); ``distributed.*`` decides.  Refuse a mismatch."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    problems = []
+    if dcfg.backend != "deepspeed":
+        problems.append("distributed.backend=deepspeed")
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage and stage.isdigit() and int(stage) != dcfg.zero_stage:
+        problems.append(f"distributed.zero_stage={stage}")
+    offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() not in ("none", "")
+    if offload != dcfg.offload_optimizer:
+        problems.append(f"distributed.offload_optimizer={str(offload).lower()}")
+    if problems:
+        raise RuntimeError(f"accelerate's DeepSpeed config and this run's settings disagree; add "
+                           f"{' '.join(problems)} to the command (or change the accelerate config)")
+
+
+def init_process_group(device: torch.device, dcfg) -> None:
+    """Join the job's process group once: nccl on CUDA, gloo on CPU, from the launcher's environment.
+
+    Without a launcher a single process trains alone, except with DeepSpeed, which needs a process
+    group even for one process: then a local world of one is made (no MPI discovery).
+    ``dcfg`` is the ``DistributedConfig``.
+    """
+    check_launcher(dcfg)
+    if not dist.is_available() or dist.is_initialized():
+        return
+    kind = "nccl" if device.type == "cuda" else "gloo"
+    if launched():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(kind, init_method="env://")
+    elif dcfg.backend == "deepspeed":
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
+        dist.init_process_group(kind, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def is_distributed() -> bool:
@@ -29,6 +108,13 @@ def world_size() -> int:
 def is_main() -> bool:
     return rank() == 0
 
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- collectives
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """All-reduce (mean) the ``.grad`` of ``params`` across ranks, flattened into one buffer."""
@@ -64,6 +150,268 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Average scalar metrics (same keys on every rank) across ranks: one all-reduce."""
+    if not is_distributed() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return {k: float(v) / world_size() for k, v in zip(keys, values)}
+
+
+# ----------------------------------------------------------------------------- gradient synchronisers
+
+class GradientSync:
+    """How the trainable parameters' gradients become one update; every rank calls every method.
+
+    ``step()`` runs after the last accumulation batch of an update and returns statistics
+    (``grad_norm/<group>``); ``state_dict()`` is merged into rank 0's training state;
+    ``save_shards(dir)`` writes what every rank must write itself; ``load(state, checkpoint)``
+    restores both.
+    """
+
+    optimizer: Optional[torch.optim.Optimizer] = None
+    sharded = False
+
+    def step(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def save_shards(self, directory: Path) -> None:
+        pass
+
+    def load(self, state: dict, checkpoint: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release hooks and buffers at the end of training."""
+
+
+class DataParallel(GradientSync):
+    """DDP semantics: per group, average the gradients over ranks, clip, then one optimiser step.
+
+    Works for one process too (averaging is then a no-op), for any optimiser (8-bit included).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def step(self) -> Dict[str, float]:
+        stats = {}
+        for group in self.optimizer.param_groups:
+            average_gradients(group["params"])
+            if self.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(group["params"], self.max_grad_norm)
+                stats[f"grad_norm/{group.get('name', 'params')}"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load(self, state: dict, checkpoint: Path) -> None:
+        if "optimizer" not in state:
+            raise RuntimeError(f"checkpoint {checkpoint} keeps its optimiser state in DeepSpeed's partitions: "
+                               f"resume it with distributed.backend=deepspeed")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class _Parameters(nn.Module):
+    """A module that only holds parameters that live elsewhere (LoRA inside the UNet, the flow
+    model's), so that a DeepSpeed engine can own their optimiser; its forward is never called."""
+
+    def __init__(self, params: List[nn.Parameter]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - the loss is computed outside
+        raise RuntimeError("the trainable parameters are used by the UNet and the flow model directly")
+
+
+def deepspeed_config(zero_stage: int, offload_optimizer: bool, max_grad_norm: float, micro_batch: int,
+                     num_params: int, world: int) -> dict:
+    """The DeepSpeed configuration of one parameter group's engine.
+
+    The trainer accumulates its batches itself (inside one coalesced-reduction window), so DeepSpeed
+    sees one micro-step per update: ``gradient_accumulation_steps`` 1.  Trainable parameters are
+    fp32 (the frozen parts carry the mixed precision), so no fp16/bf16 section.  Buckets hold at
+    most 5 M elements (20 MB; DeepSpeed's default 5e8 would allocate 2 GB), fewer for a smaller group.
+    """
+    bucket = int(max(min(num_params, 5_000_000), 100_000))
+    zero = {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": False,
+            "reduce_scatter": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world,
+        "gradient_clipping": max(max_grad_norm, 0.0),
+        "zero_optimization": zero,
+        # torch's AdamW on the fp32 partitions: DeepSpeed's fused/CPU Adam would need a JIT build
+        # (~1 min each) for a trainable set of a few million parameters that steps in milliseconds
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class ZeroDataParallel(GradientSync):
+    """DeepSpeed ZeRO-1/2 for the trainable parameters: one engine per group (see the module doc).
+
+    Args:
+        optimizer: the trainer's AdamW with named groups (``lora``, ``flow``); each group gets its
+            own AdamW of the same hyper-parameters inside its engine (this one is not stepped).
+        zero_stage: 1 (optimiser state partitioned) or 2 (gradients too).
+        offload_optimizer: keep the fp32 master weights and AdamW state in CPU memory.
+        max_grad_norm: clipping of each group's global norm (<= 0 disables).
+        micro_batch: trajectories per training batch per process (DeepSpeed's bookkeeping only).
+    """
+
+    sharded = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, zero_stage: int, offload_optimizer: bool,
+                 max_grad_norm: float, micro_batch: int):
+        import deepspeed
+
+        if not hasattr(deepspeed.DeepSpeedEngine, "coalesce_grad_reduction"):
+            raise ImportError(f"distributed.backend=deepspeed needs DeepSpeed >= 0.19.2 "
+                              f"(engine.coalesce_grad_reduction); found {deepspeed.__version__}: "
+                              f"pip install -U 'lowmem-nablagfn[deepspeed]'")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        betas, eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
+        self.engines = {}
+        for group in optimizer.param_groups:
+            params = list(group["params"])
+            hyper = {k: v for k, v in group.items() if k in ("lr", "weight_decay")}
+            inner = torch.optim.AdamW([{"params": params, **hyper}], betas=betas, eps=eps)
+            config = deepspeed_config(zero_stage, offload_optimizer, max_grad_norm, micro_batch,
+                                      sum(p.numel() for p in params), world_size())
+            engine, *_ = deepspeed.initialize(model=_Parameters(params), optimizer=inner, config=config,
+                                              dist_init_required=False)
+            self.engines[group.get("name", f"group{len(self.engines)}")] = engine
+        self._windows: Dict[str, contextlib.AbstractContextManager] = {}
+        self._open_windows()
+
+    def _open_windows(self) -> None:
+        # the backward passes of the next update accumulate locally, reduced once on exit
+        for name, engine in self.engines.items():
+            self._windows[name] = engine.coalesce_grad_reduction()
+            self._windows[name].__enter__()
+
+    def step(self) -> Dict[str, float]:
+        stats = {}
+        for name, engine in self.engines.items():
+            for p in engine.module.parameters():
+                if p.grad is None:  # every rank must reduce the same tensors
+                    p.grad = torch.zeros_like(p)
+            self._windows.pop(name).__exit__(None, None, None)  # reduce(-scatter) the gradients
+            engine.step()  # clip this group, step each rank's partition, all-gather the weights
+            norm = engine.get_global_grad_norm()
+            if norm is not None and engine.gradient_clipping() > 0:
+                stats[f"grad_norm/{name}"] = float(norm)
+        self._open_windows()
+        return stats
+
+    def save_shards(self, directory: Path) -> None:
+        """Every rank writes its optimiser partitions (DeepSpeed's format, one tag per group)."""
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(directory / "deepspeed"), tag=name, save_latest=False)
+
+    def load(self, state: dict, checkpoint: Path) -> None:
+        root = checkpoint / SHARD_DIR / "deepspeed"
+        for name, engine in self.engines.items():
+            if not (root / name).is_dir():
+                raise FileNotFoundError(f"checkpoint {checkpoint} holds no DeepSpeed state for {name!r}: "
+                                        f"it was written with distributed.backend=ddp; resume with ddp")
+            self._windows.pop(name).__exit__(None, None, None)  # nothing accumulated: a no-op flush
+            path, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {root / name}")
+        self._open_windows()
+
+    def close(self) -> None:
+        # removes ZeRO's gradient hooks and the parameters' links to the fp32 partitions; without it
+        # the interpreter's final garbage collection can abort on those reference cycles
+        for name, engine in self.engines.items():
+            self._windows.pop(name).__exit__(None, None, None)
+            engine.destroy()
+        self.engines = {}
+
+
+def make_gradient_sync(dcfg, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                       micro_batch: int) -> GradientSync:
+    """The synchroniser that ``distributed.backend`` names (``DistributedConfig``)."""
+    if dcfg.backend == "deepspeed":
+        return ZeroDataParallel(optimizer, dcfg.zero_stage, dcfg.offload_optimizer, max_grad_norm,
+                                micro_batch)
+    return DataParallel(optimizer, max_grad_norm)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, flow_model: Optional[nn.Module],
+                    state: dict, sync: GradientSync, keep: int = 2) -> None:
+    """Collective checkpoint: every rank calls it at the same epoch (decided from the epoch number).
+
+    1. rank 0 makes a temporary shard directory beside the checkpoints; every rank learns its name;
+    2. every rank writes its own part there: its sample buffer and RNG state (when several ranks)
+       and its ZeRO partitions (DeepSpeed's save is itself collective);
+    3. after a barrier rank 0 writes the LoRA, flow model and ``state`` and moves the shards into
+       the checkpoint before the atomic rename (:func:`~lowmem_nablagfn.checkpoint.save_checkpoint`).
+    The shard directory must be on a file system every node sees (as the run directory must be).
+    """
+    from . import checkpoint as ckpt
+
+    if world_size() == 1 and not sync.sharded:
+        ckpt.save_checkpoint(run_dir, epoch, unet, flow_model, state, keep=keep)
+        return
+    root = run_dir / "checkpoints"
+    shards = None
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shards = tempfile.mkdtemp(dir=root, prefix=f".tmp-shards-{epoch:06d}-")
+    shards = Path(broadcast_object(shards))
+    if world_size() > 1:
+        torch.save({"buffer": state.get("buffer"), "rng": ckpt.rng_state(), "world_size": world_size()},
+                   shards / RANK_FILE.format(rank()))
+    sync.save_shards(shards)
+    barrier()
+    if is_main():
+        ckpt.save_checkpoint(run_dir, epoch, unet, flow_model, state, keep=keep,
+                             extra_writer=lambda tmp: os.rename(shards, tmp / SHARD_DIR))
+    barrier()
+
+
+def load_training_state(checkpoint: Path) -> dict:
+    """Rank 0's training state, with this rank's sample buffer and RNG state where saved per rank."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.load_training_state(checkpoint)
+    files = sorted((checkpoint / SHARD_DIR).glob(RANK_FILE.replace("{:05d}", "*")))
+    saved_world = len(files) or 1
+    if saved_world != world_size():
+        raise RuntimeError(f"checkpoint {checkpoint} was written by {saved_world} process(es) and this run has "
+                           f"{world_size()}: resume with {saved_world} (each rank's sample buffer and ZeRO "
+                           f"partitions are its own)")
+    if files:
+        own = torch.load(checkpoint / SHARD_DIR / RANK_FILE.format(rank()), map_location="cpu",
+                         weights_only=False)
+        state.update(buffer=own["buffer"], rng=own["rng"])
+    return state

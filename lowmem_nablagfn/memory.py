@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import memtrack
 from .diffusion import StepSchedule, forward_score, pred_x0, reverse_score, step_mean
 from .models import reference_policy
 from .objective import nabla_db_loss
@@ -102,7 +103,9 @@ def apply_checkpointing(unet: nn.Module, vae: Optional[nn.Module], reward: Optio
                        (flow_model, mem.checkpoint_flow)):
         if module is not None and on and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
-    if reward is not None and mem.checkpoint_reward and hasattr(reward, "set_grad_checkpointing"):
+    if reward is not None and hasattr(reward, "set_checkpointing"):  # TowerReward (rewards/towers.py)
+        reward.set_checkpointing(mem.checkpoint_reward)
+    elif reward is not None and mem.checkpoint_reward and hasattr(reward, "set_grad_checkpointing"):
         reward.set_grad_checkpointing(True)
 
 
@@ -196,22 +199,27 @@ def _naive(ctx: UpdateContext, rows: Rows, row_norm: float, end_norm: float, sca
     t = _timesteps(ctx, rows, False)
     x = rows.x.detach().requires_grad_(True)
     # 1. reference policy at x_t, with a graph for its reverse score
-    s_next_ref, s_cur_ref = reference_scores(ctx, rows, need_reverse=True)
+    with memtrack.phase("reference"):
+        s_next_ref, s_cur_ref = reference_scores(ctx, rows, need_reverse=True)
     # 2. the LoRA policy at x_t: graph kept until the final backward
-    eps = ctx.eps_fn(x, t, rows.cond)
+    with memtrack.phase("policy"):
+        eps = ctx.eps_fn(x, t, rows.cond)
     # 3. LoRA UNet at x_{t-1} + VAE + reward, with graphs, for the reward gradient
-    xn = rows.x_next.detach().requires_grad_(True)
-    eps_n = ctx.eps_fn(xn, _timesteps(ctx, rows, True), rows.cond)
-    x0n = torch.where(rows.end.view(-1, 1, 1, 1), xn, pred_x0(xn, eps_n, _alpha(ctx, rows, True)))
-    (r_next,) = torch.autograd.grad(ctx.latent_reward(x0n, rows.prompts).sum(), xn)
+    with memtrack.phase("reward_grad_next"):
+        xn = rows.x_next.detach().requires_grad_(True)
+        eps_n = ctx.eps_fn(xn, _timesteps(ctx, rows, True), rows.cond)
+        x0n = torch.where(rows.end.view(-1, 1, 1, 1), xn, pred_x0(xn, eps_n, _alpha(ctx, rows, True)))
+        (r_next,) = torch.autograd.grad(ctx.latent_reward(x0n, rows.prompts).sum(), xn)
     # 4. residual mode: a second VAE + reward graph hanging off the x_t graph
     r_cur = None
     if residual:
-        x0 = pred_x0(x, eps, _alpha(ctx, rows, False))
-        (r_cur,) = torch.autograd.grad(ctx.latent_reward(x0, rows.prompts).sum(), x, retain_graph=True)
-    terms = _loss(ctx, rows, eps, x, s_next_ref, s_cur_ref if residual else None, r_next.detach(),
-                  None if r_cur is None else r_cur.detach(), row_norm, end_norm)
-    (terms.loss * scale).backward()
+        with memtrack.phase("reward_grad_cur"):
+            x0 = pred_x0(x, eps, _alpha(ctx, rows, False))
+            (r_cur,) = torch.autograd.grad(ctx.latent_reward(x0, rows.prompts).sum(), x, retain_graph=True)
+    with memtrack.phase("train"):
+        terms = _loss(ctx, rows, eps, x, s_next_ref, s_cur_ref if residual else None, r_next.detach(),
+                      None if r_cur is None else r_cur.detach(), row_norm, end_norm)
+        (terms.loss * scale).backward()
     return [terms]
 
 
@@ -219,26 +227,42 @@ def _optimized(ctx: UpdateContext, rows: Rows, row_norm: float, end_norm: float,
     residual = ctx.flow_model is not None
     size = ctx.input_grad_chunk
     # 1. detached quantities, each in its own scope, chunk by chunk (rows are independent)
-    r_next = _cat_chunks(lambda c: reward_grad_at(ctx, c, nxt=True), rows, size)
+    with memtrack.phase("reward_grad_next"):
+        r_next = _cat_chunks(lambda c: reward_grad_at(ctx, c, nxt=True), rows, size)
     r_cur = None
     if residual:
-        live = (~rows.end).nonzero().squeeze(1)
-        r_cur = torch.zeros_like(rows.x)
-        if live.numel():  # y_B = 0 on last transitions: their reward score at x_t is not needed
-            r_cur[live] = _cat_chunks(lambda c: reward_grad_at(ctx, c, nxt=False), rows.take(live), size)
-    s_next_ref, s_cur_ref = _cat_chunks(lambda c: reference_scores(ctx, c, residual), rows, size)
+        with memtrack.phase("reward_grad_cur"):
+            live = (~rows.end).nonzero().squeeze(1)
+            r_cur = torch.zeros_like(rows.x)
+            if live.numel():  # y_B = 0 on last transitions: their reward score at x_t is not needed
+                r_cur[live] = _cat_chunks(lambda c: reward_grad_at(ctx, c, nxt=False), rows.take(live), size)
+    with memtrack.phase("reference"):
+        s_next_ref, s_cur_ref = _cat_chunks(lambda c: reference_scores(ctx, c, residual), rows, size)
     # 2. the graph that trains, chunk by chunk, gradients accumulated
     out = []
-    for lo in range(0, len(rows), ctx.train_chunk or len(rows)):
-        idx = slice(lo, lo + (ctx.train_chunk or len(rows)))
-        c = rows.take(idx)
-        x = c.x.detach().requires_grad_(residual)
-        eps = ctx.eps_fn(x, _timesteps(ctx, c, False), c.cond)
-        terms = _loss(ctx, c, eps, x, s_next_ref[idx], None if s_cur_ref is None else s_cur_ref[idx],
-                      r_next[idx], None if r_cur is None else r_cur[idx], row_norm, end_norm)
-        (terms.loss * scale).backward()
-        out.append(terms)
+    with memtrack.phase("train"):
+        for lo in range(0, len(rows), ctx.train_chunk or len(rows)):
+            idx = slice(lo, lo + (ctx.train_chunk or len(rows)))
+            out.append(train_pass(ctx, rows.take(idx), s_next_ref[idx],
+                                  None if s_cur_ref is None else s_cur_ref[idx], r_next[idx],
+                                  None if r_cur is None else r_cur[idx], row_norm, end_norm, scale))
     return out
+
+
+def train_pass(ctx: UpdateContext, rows: Rows, s_next_ref: Tensor, s_cur_ref: Optional[Tensor],
+               r_next: Tensor, r_cur: Optional[Tensor], row_norm: float, end_norm: float,
+               scale: float):
+    """The one graph that trains: policy (and flow) outputs of these rows, loss, backward.
+
+    The detached inputs are this chunk's rows of the reference scores and raw reward gradients
+    (N, C, H, W). Adds ``scale * ∂L_rows/∂θ, ∂L_rows/∂φ`` to ``.grad``; returns the loss terms.
+    """
+    residual = ctx.flow_model is not None
+    x = rows.x.detach().requires_grad_(residual)
+    eps = ctx.eps_fn(x, _timesteps(ctx, rows, False), rows.cond)
+    terms = _loss(ctx, rows, eps, x, s_next_ref, s_cur_ref, r_next, r_cur, row_norm, end_norm)
+    (terms.loss * scale).backward()
+    return terms
 
 
 def accumulate_gradients(ctx: UpdateContext, rows: Rows, row_norm: float, end_norm: float,

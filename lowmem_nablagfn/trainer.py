@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import memtrack
 from .config import Config, to_dict, validate
 from .diffusion import StepSchedule, make_schedule
 from .memory import ObjectiveSettings, Rows, UpdateContext, accumulate_gradients, apply_checkpointing
@@ -40,7 +41,7 @@ class Components:
     flow_model: Optional[nn.Module]
     reward_model: nn.Module
     sched: StepSchedule
-    optimizer: torch.optim.Optimizer
+    optimizer: Optional[torch.optim.Optimizer]  # None under DeepSpeed: its engines own the optimisers
     prompts: List[str]
     uncond: Tensor
     run_dir: Path
@@ -48,6 +49,7 @@ class Components:
     latent_shape: tuple
     logger: "MetricLogger"
     step_hooks: List[Callable] = field(default_factory=list)
+    sync: Optional[dist.GradientSync] = None  # gradient averaging / ZeRO: the one update path
 
     @property
     def trainable(self) -> Dict[str, List[nn.Parameter]]:
@@ -108,6 +110,7 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     """Validate, then build models, adapter, flow model, reward, schedule and optimiser."""
     validate(cfg)
     device = pick_device(cfg)
+    dist.init_process_group(device, cfg.distributed)  # when a launcher started us (RANK, WORLD_SIZE)
     if cfg.training.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -130,11 +133,15 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     reward_model = build_reward(cfg.reward, device)
     apply_checkpointing(parts.unet, parts.vae, reward_model, flow_model, cfg.memory)
     optimizer = build_optimizer(cfg, lora_params, flow_model)
+    sync = dist.make_gradient_sync(cfg.distributed, optimizer, cfg.training.max_grad_norm,
+                                   cfg.training.batch_size)  # DeepSpeed: engines own the optimisers
     uncond = encode_prompts(parts.text_encoder, parts.tokenizer, [""], device)
+    if cfg.memory.offload_text_encoder:
+        parts.text_encoder.to("cpu")  # visits the device only inside encode()
     k = num_blocks(cfg.sampling.num_steps, cfg.model.timestep_fraction)
     logger = MetricLogger(run_dir, cfg) if dist.is_main() else MetricLogger(None, cfg)
-    return Components(cfg, device, parts, lora_params, flow_model, reward_model, sched, optimizer,
-                      prompts, uncond, run_dir, k, latent_shape, logger)
+    return Components(cfg, device, parts, lora_params, flow_model, reward_model, sched, sync.optimizer,
+                      prompts, uncond, run_dir, k, latent_shape, logger, sync=sync)
 
 
 # ----------------------------------------------------------------------------- epoch parts
@@ -149,13 +156,15 @@ def sample_epoch(c: Components, epoch: int) -> Trajectories:
     for b in range(s.num_batches_per_epoch):
         choice = torch.randint(len(c.prompts), (s.batch_size,), generator=gen).tolist()
         prompts = [c.prompts[i] for i in choice]
-        cond = encode_prompts(c.parts.text_encoder, c.parts.tokenizer, prompts, c.device)
+        cond = encode(c, prompts)
         keep = draw_indices(s.batch_size, s.num_steps, c.k, s.low_var_subsampling,
                             seed=epoch_seed(cfg, epoch, 1),
                             offset=b * num_counters(s.batch_size, s.num_steps, c.k, s.low_var_subsampling))
-        traj = sample(eps_fn, c.sched, cond, c.latent_shape, gen,
-                      keep=keep if cfg.memory.store_only_trained else None, prompts=prompts,
-                      device=c.device, storage_dtype=storage)
+        with memtrack.phase("sampling"):
+            traj = sample(eps_fn, c.sched, cond, c.latent_shape, gen,
+                          keep=keep if cfg.memory.store_only_trained else None, prompts=prompts,
+                          device=c.device, storage_dtype=storage)
+        memtrack.count("sampling", s.batch_size)
         if not cfg.memory.store_only_trained:
             picked = gather({"latents": traj.latents, "next_latents": traj.next_latents,
                              "eps_sampled": traj.eps_sampled}, keep.to(c.device))
@@ -168,7 +177,23 @@ def sample_epoch(c: Components, epoch: int) -> Trajectories:
 
 @torch.no_grad()
 def final_rewards(c: Components, latents: Tensor, prompts: List[str]) -> Tensor:
-    return make_latent_reward(c.parts.vae, c.reward_model)(latents, prompts).float()
+    with memtrack.phase("final_reward"):
+        return make_latent_reward(c.parts.vae, c.reward_model)(latents, prompts).float()
+
+
+@torch.no_grad()
+def encode(c: Components, prompts: List[str]) -> Tensor:
+    """Prompt embeddings (B, L, D) on the device; with ``memory.offload_text_encoder`` the text
+    encoder is moved to the device for this call only and back to the CPU after it."""
+    te = c.parts.text_encoder
+    with memtrack.phase("encode"):
+        if not c.cfg.memory.offload_text_encoder:
+            return encode_prompts(te, c.parts.tokenizer, prompts, c.device)
+        te.to(c.device)
+        try:
+            return encode_prompts(te, c.parts.tokenizer, prompts, c.device)
+        finally:
+            te.to("cpu")
 
 
 def flatten(traj: Trajectories, num_steps: int, device) -> Rows:
@@ -198,15 +223,10 @@ def update_context(c: Components) -> UpdateContext:
 
 
 def optimizer_step(c: Components) -> Dict[str, float]:
-    """Average gradients across ranks, clip each group, take exactly one optimiser step."""
-    stats = {}
-    for name, params in c.trainable.items():
-        dist.average_gradients(params)
-        if c.cfg.training.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, c.cfg.training.max_grad_norm)
-            stats[f"grad_norm/{name}"] = float(norm)
-    c.optimizer.step()
-    c.optimizer.zero_grad(set_to_none=True)
+    """Average gradients across ranks (or ZeRO reduce-scatter), clip each group, take exactly one
+    optimiser step (:class:`~lowmem_nablagfn.distributed.GradientSync`)."""
+    with memtrack.phase("optimizer"):
+        stats = c.sync.step()
     for hook in c.step_hooks:
         hook()
     return stats
@@ -229,6 +249,7 @@ def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) ->
         terms = accumulate_gradients(ctx, rows, row_norm=float(len(rows)),
                                      end_norm=(n_end + 1e-6) * per_traj,
                                      scale=1.0 / t.gradient_accumulation_steps)
+        memtrack.count("train", len(rows))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         n_batches += 1
@@ -247,7 +268,7 @@ def sample_grid(c: Components, n: int, seed: int = 1234) -> tuple:
     Returns (latents (n, C, h, w), images (n, 3, H, W) in [0, 1], prompts).
     """
     prompts = [c.prompts[i % len(c.prompts)] for i in range(n)]
-    cond = encode_prompts(c.parts.text_encoder, c.parts.tokenizer, prompts, c.device)
+    cond = encode(c, prompts)
     gen = torch.Generator().manual_seed(seed)
     eps_fn = cfg_eps_fn(c.parts.unet, c.uncond, c.cfg.sampling.guidance_scale)
     traj = sample(eps_fn, c.sched, cond, c.latent_shape, gen, keep=torch.zeros(n, 0, dtype=torch.long),
@@ -324,6 +345,8 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     """
     from tqdm.auto import tqdm
 
+    from .report import refresh_report
+
     c = setup(cfg)
     run_dir, lg = c.run_dir, cfg.logging
     if dist.is_main():
@@ -336,14 +359,14 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     buffer, start, global_step = None, first, 0
     resume_dir = ckpt.resolve_resume(run_dir, resume)
     if resume_dir is not None:
-        state = ckpt.load_training_state(resume_dir)
+        state = dist.load_training_state(resume_dir)  # with this rank's own buffer and RNG
         ckpt.load_lora_into(c.parts.unet, resume_dir)
         if c.flow_model is not None:
             from diffusers import UNet2DConditionModel
 
             loaded = UNet2DConditionModel.from_pretrained(str(resume_dir / "flow_model"))
             c.flow_model.load_state_dict(loaded.state_dict())
-        c.optimizer.load_state_dict(state["optimizer"])
+        c.sync.load(state, resume_dir)  # optimiser state (ZeRO: this rank's partitions)
         ckpt.set_rng_state(state["rng"])
         buffer = state["buffer"]
         buffer = None if buffer is None else Trajectories(**buffer).to(c.device)
@@ -355,6 +378,7 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     for epoch in range(start, cfg.training.num_epochs):
         t0 = time.perf_counter()
         # 2. sample with the current policy (no graph); keep only the transitions that will train
+        bar.set_description(f"epoch {epoch}: sampling")
         fresh = sample_epoch(c, epoch)
         t_sample = time.perf_counter() - t0
         rewards = dist.gather_tensor(fresh.rewards.to(c.device))
@@ -364,7 +388,8 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
         data = fresh if not lag else buffer
         if data is not None and epoch >= 0:
             t1 = time.perf_counter()
-            metrics.update(train_epoch(c, data, epoch))
+            bar.set_description(f"epoch {epoch}: training")
+            metrics.update(dist.mean_over_ranks(train_epoch(c, data, epoch)))
             global_step += steps_per_epoch // cfg.training.gradient_accumulation_steps
             metrics["time/train_s"] = time.perf_counter() - t1
         buffer = fresh
@@ -376,16 +401,16 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
                 latents, images, _ = sample_grid(c, lg.sample_grid_seeds)
                 save_grid(images, run_dir / "samples" / f"epoch_{epoch + 1:04d}.png")
             c.logger.log(epoch, metrics)
+            refresh_report(run_dir)  # report.html: curves, grids, config (plots throttled, never raises)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}", mem=f"{metrics['memory/peak_gb']:.1f}G")
         bar.update(1)
         last = epoch == cfg.training.num_epochs - 1
         if epoch >= 0 and ((epoch + 1) % lg.save_every == 0 or last or epoch == stop_after_epoch):
-            if dist.is_main():
-                state = {"optimizer": c.optimizer.state_dict(), "global_step": global_step,
-                         "buffer": buffer.to("cpu").state_dict(), "config": to_dict(cfg)}
-                ckpt.save_checkpoint(run_dir, epoch, c.parts.unet, c.flow_model, state,
-                                     keep=lg.keep_checkpoints)
-            dist.barrier()
+            # every rank: its buffer and ZeRO partitions are its own; rank 0 renames atomically
+            state = {**c.sync.state_dict(), "global_step": global_step,
+                     "buffer": buffer.to("cpu").state_dict(), "config": to_dict(cfg)}
+            dist.save_checkpoint(run_dir, epoch, c.parts.unet, c.flow_model, state, c.sync,
+                                 keep=lg.keep_checkpoints)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     bar.close()
@@ -398,6 +423,8 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
             save_grid(images, run_dir / "samples" / "final.png")
             torch.save({"latents": latents.cpu(), "prompts": prompts, "seed": 1234},
                        run_dir / "samples" / "final.pt")
+        refresh_report(run_dir, force=True)
     c.logger.close()
+    c.sync.close()
     dist.barrier()
     return run_dir

@@ -1,0 +1,211 @@
+"""Finding a run's LoRA and exporting it: diffusers format (what the trainer writes) or the kohya
+format read by AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI.
+
+kohya naming (SD 1.x, diffusers module paths with ``_`` for ``.``)::
+
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  (r, in)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    (out, r)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()  = α
+
+The update is ``W += (α / r) · up @ down``.  The renaming is diffusers' own
+(``convert_unet_state_dict_to_peft`` then ``convert_state_dict_to_kohya``); this module only adds
+the ``alpha`` values (this project's adapters use ``lora_alpha = rank``, so α / r = 1) and the
+kohya metadata.  ``StableDiffusionPipeline.load_lora_weights`` reads both formats (tested: same
+latents at a fixed seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .checkpoint import LORA_FILE, latest_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("kohya", "diffusers")
+
+
+# ----------------------------------------------------------------------------- locating a LoRA
+
+@dataclass
+class Target:
+    """What a user-given path points at.
+
+    Attributes:
+        lora_file: the LoRA safetensors file, or None for the base model.
+        run_dir: the run directory it belongs to, when known.
+        config_file: the run's resolved ``config.json``, when found.
+        tag: a short name for outputs (``lora``, ``epoch-000011``, ``base``, a file stem).
+    """
+
+    lora_file: Optional[Path]
+    run_dir: Optional[Path]
+    config_file: Optional[Path]
+    tag: str
+
+
+def _find_config(start: Path) -> Optional[Path]:
+    """``config.json`` in ``start`` or up to two levels above (run/, run/lora/, run/checkpoints/epoch-N/)."""
+    for d in (start, start.parent, start.parent.parent):
+        if (d / "config.json").is_file():
+            return d / "config.json"
+    return None
+
+
+def resolve_target(target: str) -> Target:
+    """Resolve ``base``, a run directory, a checkpoint or LoRA directory, or a LoRA file.
+
+    A run directory gives its final ``lora/`` when the run finished, else its latest checkpoint.
+    """
+    if target == "base":
+        return Target(None, None, None, "base")
+    path = Path(target).expanduser()
+    if path.is_file():
+        config = _find_config(path.parent)
+        tag = path.parent.name if path.name == LORA_FILE else path.stem
+        return Target(path, config.parent if config else None, config, tag)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{target}: no such file or directory; give a run directory, a checkpoint "
+                                f"directory (runs/NAME/checkpoints/epoch-N), a LoRA directory or file, or 'base'")
+    if (path / LORA_FILE).is_file():
+        config = _find_config(path)
+        return Target(path / LORA_FILE, config.parent if config else None, config, path.name)
+    if (path / "config.json").is_file() or (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            done = sorted(p for p in (path / "checkpoints").glob("epoch-*") if (p / LORA_FILE).is_file())
+            ckpt = done[-1] if done else None
+        lora_dir = path / "lora" if (path / "lora" / LORA_FILE).is_file() else ckpt
+        if lora_dir is None:
+            raise FileNotFoundError(f"run {path} has no LoRA yet (no lora/{LORA_FILE}, no checkpoint)")
+        config = path / "config.json"
+        return Target(lora_dir / LORA_FILE, path, config if config.is_file() else None, lora_dir.name)
+    raise FileNotFoundError(f"{path} holds neither {LORA_FILE} nor a run (config.json, checkpoints/)")
+
+
+# ----------------------------------------------------------------------------- formats
+
+def is_kohya(state: Dict[str, Tensor]) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in state)
+
+
+def _adapter_alpha(metadata: Optional[dict]) -> Optional[float]:
+    """The UNet's ``lora_alpha`` from diffusers' adapter metadata (``{"unet.lora_alpha": …}``), if written."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    alpha = meta.get("unet.lora_alpha", meta.get("lora_alpha")) if isinstance(meta, dict) else None
+    return None if alpha is None else float(alpha)
+
+
+def diffusers_to_kohya(state: Dict[str, Tensor], alpha: Optional[float] = None) -> Dict[str, Tensor]:
+    """Diffusers-format LoRA state dict (``unet.….lora.down.weight``) -> kohya format.
+
+    Args:
+        state: keys prefixed by their component (``unet.``, ``text_encoder.``).
+        alpha: α of every module; None = each module's rank (``lora_alpha = rank``, α / r = 1).
+    """
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+
+    peft: Dict[str, Tensor] = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        sub = {k[len(component) + 1:]: v for k, v in state.items() if k.startswith(component + ".")}
+        if sub:
+            peft.update({f"{component}.{k}": v for k, v in convert_unet_state_dict_to_peft(sub).items()})
+    unknown = [k for k in state if k.split(".", 1)[0] not in ("unet", "text_encoder", "text_encoder_2")]
+    if unknown or not peft:
+        raise ValueError(f"not a diffusers-format LoRA of a Stable Diffusion pipeline: keys like "
+                         f"{(unknown or list(state))[:2]}")
+    out = convert_state_dict_to_kohya(peft)
+    for key in [k for k in out if k.endswith(".alpha")]:
+        rank = out[key.replace(".alpha", ".lora_down.weight")].shape[0]
+        out[key] = torch.tensor(float(rank if alpha is None else alpha))
+    return out
+
+
+def load_lora_file(path: Path) -> tuple:
+    """(state dict, safetensors metadata) of a LoRA file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "fp32",
+                alpha: Optional[float] = None) -> Path:
+    """Write the LoRA of ``source`` (see :func:`resolve_target`) to ``out`` in ``fmt``.
+
+    Args:
+        fmt: ``kohya`` (A1111 / ComfyUI) or ``diffusers`` (``load_lora_weights``).
+        dtype: storage of the weights: ``fp32`` (lossless), ``fp16`` (the usual A1111 size), ``bf16``.
+        alpha: kohya α of every module; default the rank (what this project trains with).
+    """
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    target = resolve_target(source)
+    if target.lora_file is None:
+        raise ValueError("the base model has no LoRA to export; give a run, checkpoint or LoRA path")
+    state, metadata = load_lora_file(target.lora_file)
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        if is_kohya(state):
+            raise ValueError(f"{target.lora_file} is already in kohya format; load_lora_weights reads it "
+                             f"as it is")
+        if dtype == "fp32" and all(v.dtype == torch.float32 for v in state.values()):
+            shutil.copyfile(target.lora_file, out)
+            return out
+        save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(out),
+                  metadata=metadata or {"format": "pt"})
+        return out
+    if is_kohya(state):
+        kohya = state
+    else:
+        kohya = diffusers_to_kohya(state, alpha if alpha is not None else _adapter_alpha(metadata))
+    ranks = sorted({v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")})
+    alphas = sorted({float(v) for k, v in kohya.items() if k.endswith(".alpha")})
+    kohya = {k: (v.float() if k.endswith(".alpha") else v.to(DTYPES[dtype])).contiguous()
+             for k, v in kohya.items()}
+    meta = {"format": "pt", "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": str(alphas[0]) if len(alphas) == 1 else "Dynamic",
+            "ss_training_comment": "lowmem-nablagfn (residual nabla-DB) LoRA"}
+    save_file(kohya, str(out), metadata=meta)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run's LoRA (kohya format for A1111/ComfyUI, or diffusers)")
+    p.add_argument("source", help="run directory, checkpoint directory, LoRA directory or LoRA file")
+    p.add_argument("--format", default="kohya", choices=FORMATS, help="output format (default kohya)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="weight storage (fp16 halves the file; fp32 is lossless)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="kohya alpha of every module (default: the rank, i.e. scale alpha/rank = 1)")
+    p.set_defaults(run_command=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        out = export_lora(args.source, args.out, args.format, args.dtype, args.alpha)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"lowmem-nablagfn export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}, {args.dtype})")
+    return 0

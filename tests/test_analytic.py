@@ -1,0 +1,188 @@
+"""Analytic validation (lowmem_nablagfn/analytic.py): exact model, closed-form tilt, and a small
+end-to-end run of residual ∇-DB vs a reward-maximising baseline against the exact tilted target."""
+import math
+
+import pytest
+import torch
+
+from lowmem_nablagfn.analytic import (AnalyticConfig, ExactEps, FlowMLP, GaussianMixture,
+                                      LinearReward, ResidualEps, alphas_cumprod_table, evaluate,
+                                      mmd_rbf, nabla_db_batch_loss, run_experiment, sample_final,
+                                      target_mixture)
+from lowmem_nablagfn.diffusion import make_schedule
+
+
+@pytest.fixture(scope="module")
+def sched20():
+    return make_schedule("ddim", 20, eta=1.0)
+
+
+def _mixture():
+    return GaussianMixture.make([0.3, 0.7], [[-1.0, 0.5], [1.2, -0.3]], [0.3, 0.45])
+
+
+def test_exact_eps_matches_autograd_of_log_density():
+    mix = _mixture()
+    exact = ExactEps(mix)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([999, 951, 701, 501, 251, 51, 1, 0])
+    x = (torch.randn(t.numel(), 2, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    alpha = exact.alpha(t)
+    (grad,) = torch.autograd.grad(mix.log_prob(x, alpha).sum(), x)
+    expected = -(1 - alpha).sqrt().unsqueeze(-1) * grad
+    torch.testing.assert_close(exact(x, t), expected, rtol=1e-10, atol=1e-12)
+    # float32 input gives float32 output with the same values
+    torch.testing.assert_close(exact(x.detach().float(), t), expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_noised_marginal_is_normalised_and_alphas_match_schedule(sched20):
+    ac = alphas_cumprod_table()
+    torch.testing.assert_close(ac[sched20.timesteps], sched20.alpha_cur)
+    mix = _mixture()
+    # numerical integral of q_t over a wide grid
+    grid = torch.linspace(-8, 8, 401, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    for a in (0.05, 0.5, 0.999):
+        dens = mix.log_prob(pts, torch.full((pts.shape[0],), a, dtype=torch.float64)).exp()
+        assert abs(float(dens.sum()) * (16 / 400) ** 2 - 1) < 1e-3
+
+
+def test_tilt_is_closed_form_of_p_times_exp_beta_r():
+    mix = _mixture()
+    a, beta = (0.8, 0.6), 0.9
+    tilted = mix.tilt(a, beta)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 2, generator=g, dtype=torch.float64) * 2
+    diff = tilted.log_prob(x) - mix.log_prob(x) - beta * (x @ torch.tensor(a, dtype=torch.float64))
+    assert float(diff.max() - diff.min()) < 1e-10  # log p_tilt = log p + β a·x - log Z
+    # log Z = log Σ w_k exp(β a·μ_k + ½ β² s_k² |a|²)
+    s2 = mix.stds**2
+    log_z = torch.logsumexp(mix.weights.log() + beta * mix.means @ torch.tensor(a, dtype=torch.float64)
+                            + 0.5 * beta**2 * s2, 0)
+    torch.testing.assert_close(-diff.mean(), log_z)
+
+
+def test_log_flow_matches_monte_carlo():
+    mix = _mixture()
+    a, beta = (0.8, 0.6), 0.7
+    x = torch.tensor([[0.2, -0.4]], dtype=torch.float64)
+    alpha = torch.tensor([0.3], dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x0 = mix.sample(200_000, g)
+    # E[exp(β a·x0) | x_t = x] with weights ∝ N(x; √ᾱ x0, (1-ᾱ) I)
+    logw = -((x - alpha.sqrt() * x0) ** 2).sum(1) / (2 * (1 - alpha))
+    w = torch.softmax(logw, 0)
+    mc = torch.log((w * torch.exp(beta * x0 @ torch.tensor(a, dtype=torch.float64))).sum())
+    assert abs(float(mix.log_flow(x, alpha, a, beta)) - float(mc)) < 0.01
+    # at ᾱ = 1 the flow is the reward itself
+    one = torch.ones(1, dtype=torch.float64)
+    torch.testing.assert_close(mix.log_flow(x, one, a, beta),
+                               beta * x @ torch.tensor(a, dtype=torch.float64))
+
+
+def test_untuned_exact_model_reproduces_data_mixture(sched20):
+    mix = _mixture()
+    xs = sample_final(ExactEps(mix), sched20, 6000, seed=3)
+    counts = torch.bincount(mix.nearest(xs), minlength=2).double() / xs.shape[0]
+    assert (counts - mix.weights).abs().max() < 0.03, counts
+    torch.testing.assert_close(xs.double().mean(0), mix.mean(), atol=0.05, rtol=0)
+    # per-mode spread: DDPM-20 shrinks it a little (discretisation), but not by more than 20 %
+    comp = mix.nearest(xs)
+    for k in range(2):
+        std = xs[comp == k].double().std(0).mean()
+        assert abs(float(std) / float(mix.stds[k]) - 1) < 0.2, (k, float(std))
+
+
+def test_residual_policy_and_flow_start_at_the_exact_model(sched20):
+    exact = ExactEps(_mixture())
+    for param in ("mean", "score", "eps"):
+        pol = ResidualEps(exact, hidden=16, depth=2, param=param, sched=sched20)
+        x = torch.randn(7, 2)
+        t = sched20.timesteps[:7]
+        torch.testing.assert_close(pol(x, t), exact(x, t))
+    flow = FlowMLP(2, 16, 2)
+    with torch.no_grad():
+        assert float(flow(torch.randn(5, 2), torch.tensor([0, 1, 51, 501, 951])).abs().max()) == 0.0
+
+
+def test_mode_mass_mmd_and_reward_metrics():
+    mix = _mixture()
+    g = torch.Generator().manual_seed(4)
+    ref, same = mix.sample(1500, g), mix.sample(1500, g)
+    shifted = same + torch.tensor([0.5, 0.0], dtype=torch.float64)
+    assert mmd_rbf(same, ref) < 0.5 * mmd_rbf(shifted, ref)
+    m = evaluate(same, mix, LinearReward((1.0, 0.0)), ref)
+    assert m["mass_error"] < 0.04
+    assert abs(m["reward"] - float(mix.mean()[0])) < 0.06
+
+
+def test_target_mixture_uses_effective_terminal_tilt(sched20):
+    cfg = AnalyticConfig()
+    tgt = target_mixture(cfg, sched20)
+    plain = cfg.mixture().tilt(cfg.reward_direction, cfg.reward_scale)
+    assert (tgt.weights - plain.weights).abs().max() < 2e-3
+    # the default setting tilts the 0.5/0.5 data to about 0.2/0.8
+    assert abs(float(tgt.weights[1]) - 0.8) < 0.02
+
+
+def test_nabla_db_loss_is_finite_and_trains_both_models(sched20):
+    cfg = AnalyticConfig(hidden=16, depth=2)
+    exact = ExactEps(cfg.mixture())
+    torch.manual_seed(0)
+    pol = ResidualEps(exact, 16, 2, cfg.residual_param, sched20)
+    flow = FlowMLP(2, 16, 2)
+    # non-zero last layers so that every gradient path is exercised
+    for m in (pol.residual, flow):
+        torch.nn.init.normal_(m.net[-1].weight, std=0.1)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 2, generator=g)
+    j = torch.arange(40) % 20
+    x_next = x + 0.1 * torch.randn(40, 2, generator=g)
+    with torch.no_grad():
+        eps_sampled = pol(x, sched20.timesteps[j])
+    terms = nabla_db_batch_loss(pol, flow, sched20, LinearReward(cfg.reward_direction), cfg,
+                                x, x_next, eps_sampled, j)
+    assert torch.isfinite(terms.loss)
+    terms.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pol.residual.parameters())
+    assert float(sum(p.grad.abs().sum() for p in flow.parameters())) > 0
+    # no-flow mode: reverse and terminal vanish, the flow is not used
+    pol.zero_grad()
+    nf = nabla_db_batch_loss(pol, None, sched20, LinearReward(cfg.reward_direction), cfg,
+                             x, x_next, eps_sampled, j)
+    assert float(nf.reverse) == 0.0 and float(nf.terminal) == 0.0
+
+
+# Small end-to-end version of benchmarks/analytic.py (fixed seeds; well under a minute on 2 cores).
+CI_CONFIG = dict(num_epochs=100, num_traj=128, batches_per_epoch=8, num_eval=1500, draft_steps=5)
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    cfg = AnalyticConfig(**CI_CONFIG)
+    target, rows = run_experiment(cfg)
+    return cfg, target, {r.name.split(" ")[0]: r.metrics for r in rows}
+
+
+def test_residual_nabla_db_approaches_the_tilted_mode_masses(small_run):
+    cfg, target, m = small_run
+    prior = cfg.mixture().weights
+    exact = target.weights
+    got = torch.tensor(m["residual"]["mass"], dtype=torch.float64)
+    # both modes are kept
+    assert float(got.min()) > 0.1
+    # moved most of the way from the prior masses to the exact tilted masses (looser than the
+    # benchmark's 0.05: fewer epochs)
+    moved = float((got[1] - prior[1]) / (exact[1] - prior[1]))
+    assert moved > 0.6, (got, exact)
+    assert m["residual"]["mass_error"] < 0.12
+
+
+def test_baseline_collapses_with_higher_reward_and_worse_mmd(small_run):
+    cfg, target, m = small_run
+    nabla, draft = m["residual"], m["DRaFT-5"]
+    assert draft["reward"] >= nabla["reward"]
+    assert nabla["mmd"] < draft["mmd"]
+    assert nabla["mmd"] < m["pretrained"]["mmd"]
+    assert math.isfinite(draft["mmd"])
