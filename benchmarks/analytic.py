@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -51,8 +51,13 @@ def plot(target, untilted, rows, path: Path, max_points: int = 1500) -> None:
     dens = target.log_prob(grid).exp().reshape(xx.shape)
     dens0 = untilted.log_prob(grid).exp().reshape(xx.shape)
     n = len(rows)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.4), sharex=True, sharey=True)
-    for ax, r in zip(axes, rows):
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 2.6 * nrows + 0.6), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, rows):
         ax.contour(xx, yy, dens0, levels=4, colors="0.75", linewidths=0.6, linestyles="dashed")
         ax.contour(xx, yy, dens, levels=6, cmap="viridis", linewidths=0.9)
         if r.samples is not None:
@@ -115,8 +120,21 @@ def main(argv=None) -> int:
         defaults = AnalyticConfig()
         changed = {f.name: getattr(cfg, f.name) for f in fields(cfg)
                    if getattr(cfg, f.name) != getattr(defaults, f.name)}
-        cmd = "python benchmarks/analytic.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
-                                                 if (argv if argv is not None else sys.argv[1:]) else "")
+        # the command that reproduces the numbers (output-destination flags left out)
+        given = list(argv if argv is not None else sys.argv[1:])
+        kept, skip = [], False
+        for a in given:
+            if skip:
+                skip = False
+            elif a in ("--no-append",):
+                continue
+            elif a in ("--section-file", "--results", "--figure", "--log-every"):
+                skip = True
+            elif a.split("=")[0] in ("--section-file", "--results", "--figure", "--log-every"):
+                continue
+            else:
+                kept.append(a)
+        cmd = " ".join(["python benchmarks/analytic.py", *kept])
         try:
             rel_fig = fig.resolve().relative_to(HERE)
         except ValueError:
@@ -137,9 +155,12 @@ def main(argv=None) -> int:
             f"(`residual_param={cfg.residual_param!r}`), flow MLP, λ_rev = {cfg.reverse_loss_scale}, "
             f"λ_reg = {cfg.unet_reg_scale}, timestep_fraction = {cfg.timestep_fraction}, "
             f"{cfg.num_epochs} epochs × {cfg.num_traj} trajectories, {cfg.batches_per_epoch} optimiser steps/epoch, "
-            f"{'on-policy' if cfg.on_policy else 'one-epoch lag'}; baseline DRaFT-{cfg.draft_steps} "
-            f"maximises mean R(x_0) (no KL); {cfg.num_eval} evaluation samples per method, MMD = √(biased MMD²), "
-            f"RBF bandwidths 0.1–2, vs {cfg.num_eval} exact samples of the tilted target.",
+            f"{'on-policy' if cfg.on_policy else 'one-epoch lag'}, cosine lr decay to {cfg.final_lr_fraction}×; "
+            f"baseline DRaFT-{cfg.draft_steps} maximises mean R(x_0) (no KL, {cfg.draft_epochs} epochs, lr "
+            f"{cfg.draft_learning_rate}); {cfg.num_eval} evaluation samples per method; MMD = √(biased MMD²), "
+            f"sum of RBF kernels with bandwidths 0.1–2, vs {cfg.num_eval} exact samples of the closed-form "
+            f"tilted target, and vs {cfg.num_eval} samples of the exact tilt of the DDPM-{cfg.num_steps} "
+            f"reference sampler's own output (importance-resampled; what ∇-DB targets).",
             f"- Figure: `{rel_fig}`",
             "",
             table,
@@ -147,7 +168,7 @@ def main(argv=None) -> int:
         ])
         path = Path(args.section_file if args.no_append else args.results)
         with open(path, "a", encoding="utf-8") as f:
-            if path.stat().st_size == 0:
+            if path.stat().st_size == 0 and not args.no_append:
                 f.write("# Benchmark results\n")
             f.write(section)
         print(f"appended to {path}")
