@@ -57,7 +57,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -607,7 +607,8 @@ class Prediction:
 
     phases: Dict[str, float]
     resident: Dict[str, float]
-    """What stays allocated across phases: weights, optimiser state, gradients, trajectories."""
+    """What stays allocated through the training phases: weights (text encoder included, also when
+    offloaded: see ``text_encoder``), optimiser state, gradients, trajectories, the batch's rows."""
     tflop_per_update: float
     """Estimated work of one optimiser update incl. its share of sampling (TFLOP + per-call overhead)."""
 
@@ -747,7 +748,7 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
     sample_flops = s.num_batches_per_epoch * s.num_steps * sample_call
     tflop = (t.gradient_accumulation_steps * train_flops + sample_flops / updates_per_epoch) / 1e12
     resident = {"weights": weights + st["text_encoder"], "text_encoder": st["text_encoder"],
-                "optimizer_state": opt, "gradients": grads, "trajectories": traj_train}
+                "optimizer_state": opt, "gradients": grads, "trajectories": traj_train, "batch_rows": batch}
     return Prediction(phases, resident, tflop)
 
 

@@ -178,3 +178,13 @@ def test_gpu_presets_fit_their_cards(preset):
         pytest.skip(f"shipped planner profile lacks a probe ({exc}); regenerate it")
     card = PRESET_CARDS[preset]
     assert pred.fits(planner.CARDS[card]), (preset, pred.peak / GiB, pred.peak_phase)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("no_flow", [False, True], ids=["residual", "no_flow"])
+def test_prediction_matches_cuda_peak_tiny(tmp_path, no_flow):
+    """On a GPU: the CPU-traced prediction against torch.cuda.max_memory_allocated (workspaces included)."""
+    cfg = small_config(tmp_path, f"model.no_flow={no_flow}", "device=cuda", "training.mixed_precision=bf16")
+    peak, pred, phases = _compare(cfg)
+    _report("tiny on CUDA", peak, pred, phases)
+    assert pred.peak / GiB == pytest.approx(peak, rel=0.25)

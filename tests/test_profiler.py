@@ -98,3 +98,30 @@ def test_profile_cli_tiny(tmp_path, capsys):
     assert "## Profile: tiny_cpu" in results.read_text()
     assert (tmp_path / "trace" / "trace.json").stat().st_size > 0
     print(f"profile of the tiny preset took {elapsed:.1f} s")  # ~20 s of CPU time: < 60 s on 2 free cores
+
+
+def test_offload_text_encoder_encodes_the_same(tmp_path):
+    """memory.offload_text_encoder: the encoder lives on the CPU between encodings; same embeddings."""
+    from lowmem_nablagfn import trainer as T
+
+    from helpers import small_config
+
+    c = T.setup(small_config(tmp_path, "memory.offload_text_encoder=true"))
+    prompts = ["a cat", "a dog"]
+    with memtrack.recording(torch.device("cpu")) as rec:
+        offloaded = T.encode(c, prompts)
+    assert rec.phases["encode"].calls == 1
+    assert next(c.parts.text_encoder.parameters()).device.type == "cpu"
+    c.cfg.memory.offload_text_encoder = False
+    assert torch.equal(offloaded, T.encode(c, prompts))
+
+
+@pytest.mark.gpu
+def test_profile_on_cuda_uses_allocator_peaks(tmp_path):
+    from lowmem_nablagfn import profiler
+
+    from helpers import small_config
+
+    result = profiler.run_profile(small_config(tmp_path, "device=cuda"), updates=1)
+    assert result["summary"]["memory_source"] == "torch.cuda.max_memory_allocated"
+    assert result["phases"]["train"]["peak_gib"] > result["phases"]["optimizer"]["peak_gib"] > 0
