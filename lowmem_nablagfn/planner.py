@@ -593,7 +593,7 @@ class Profile:
         if not self.cache and path == self.path:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one job may write at once
         tmp.write_text(json.dumps({"key": self.key, "probes": self.data}, indent=1, sort_keys=True, default=str))
         tmp.replace(path)
         return path
@@ -695,8 +695,9 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
     flags_u = {"unet": mem.checkpoint_unet}
     if mem.mode == "naive":
         n = profile.get("naive" if residual else "naive_nof", flags={
-            "unet": mem.checkpoint_unet, "vae": mem.checkpoint_vae, "reward": mem.checkpoint_reward,
-            "flow": residual and mem.checkpoint_flow}, rows=rows)
+            "unet": mem.checkpoint_unet, "vae": mem.checkpoint_vae,
+            "reward": mem.checkpoint_reward and st["reward_has_blocks"], "flow": residual and mem.checkpoint_flow},
+            rows=rows)
         for name in ("reference", "policy", "reward_grad_next", "reward_grad_cur", "train"):
             if name in n:
                 phases[name] = train_base + n[name]
@@ -917,9 +918,9 @@ def describe(cfg: Config, profile: Profile, vram_gib: Optional[float] = None,
     return "\n".join(out), summary
 
 
-def check_fits(cfg: Config, vram_gib: float) -> Optional[str]:
+def check_fits(cfg: Config, vram_gib: float, verbose: bool = False) -> Optional[str]:
     """None when ``cfg`` is predicted to fit ``vram_gib``; else the refusal message with a proposal."""
-    profile = Profile(cfg)
+    profile = Profile(cfg, verbose=verbose)
     pred = predict(cfg, profile)
     if pred.fits(vram_gib):
         return None
@@ -987,7 +988,7 @@ def preflight(cfg: Config) -> Optional[str]:
     vram = cuda_vram_gib()
     if vram is None:
         return None
-    return check_fits(cfg, vram)
+    return check_fits(cfg, vram, verbose=True)  # an architecture traced for the first time takes minutes
 
 
 def main(cfg: Config, args) -> int:
