@@ -154,10 +154,10 @@ def test_nabla_db_loss_is_finite_and_trains_both_models(sched20):
     assert float(nf.reverse) == 0.0 and float(nf.terminal) == 0.0
 
 
-# Small end-to-end version of benchmarks/analytic.py (fixed seeds; ~45 s of CPU on an idle 2-core
-# machine).  The benchmark's acceptance (mass within 0.05) is NOT asserted: at T = 20 residual ∇-DB
-# converges to ~0.72 instead of 0.80 (see the module docstring); this checks the qualitative claims.
-CI_CONFIG = dict(num_epochs=100, num_traj=128, batches_per_epoch=8, num_eval=1000)
+# Small end-to-end version of benchmarks/analytic.py (fixed seeds; under a minute of CPU on an idle
+# 2-core machine): T = 20 and a third of the benchmark's training, so the masses move only part of the
+# way (the benchmark asserts the 0.05 criterion through analytic.verdict); looser tolerances here.
+CI_CONFIG = dict(num_steps=20, num_epochs=120, num_traj=128, batches_per_epoch=16, num_eval=1000)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,8 @@ def test_residual_nabla_db_moves_mode_masses_toward_the_tilt_and_keeps_both(smal
     got = torch.tensor(m["residual"]["mass"], dtype=torch.float64)
     assert float(got.min()) > 0.1  # both modes are kept
     moved = float((got[1] - prior[1]) / (exact[1] - prior[1]))
-    assert moved > 0.4, (got, exact)  # ~0.55 at this budget, ~0.75 in the benchmark
-    assert m["residual"]["mass_error"] < 0.2
+    assert moved > 0.6, (got, exact)  # 0.79 at this budget (mass 0.736 vs 0.800)
+    assert m["residual"]["mass_error"] < 0.12  # 0.064 here; the benchmark's criterion is 0.05
 
 
 def test_baseline_collapses_with_higher_reward_and_worse_mmd(small_run):
@@ -185,3 +185,18 @@ def test_baseline_collapses_with_higher_reward_and_worse_mmd(small_run):
     assert nabla["mmd"] < draft["mmd"]
     assert nabla["mmd"] < m["pretrained"]["mmd"]
     assert nabla["mmd_sampler"] < draft["mmd_sampler"]
+
+
+def test_verdict_checks_each_criterion():
+    from lowmem_nablagfn.analytic import Row, verdict
+
+    def rows(err, mmd, base_mmd, reward, base_reward):
+        return [Row("residual ∇-DB", {"mass_error": err, "mmd": mmd, "reward": reward}),
+                Row("DRaFT-5 (reward max.)", {"mass_error": 0.1, "mmd": base_mmd, "reward": base_reward})]
+
+    assert verdict(rows(0.03, 0.1, 1.0, 0.5, 1.5))[0]
+    met, why = verdict(rows(0.06, 0.1, 1.0, 0.5, 1.5))
+    assert not met and "0.060 > 0.05" in why
+    assert not verdict(rows(0.03, 1.1, 1.0, 0.5, 1.5))[0]  # MMD not lower than the baseline's
+    assert not verdict(rows(0.03, 0.1, 1.0, 0.5, 0.4))[0]  # baseline reward lower
+    assert not verdict(rows(0.03, 0.1, 1.0, 0.5, 1.5)[:1])[0]  # baseline missing
