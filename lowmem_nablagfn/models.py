@@ -176,6 +176,16 @@ def make_pipeline(parts: SDParts):
 
 # ----------------------------------------------------------------------------- LoRA
 
+def freeze(module: torch.nn.Module, device=None, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """No gradients, eval mode, moved/cast.  diffusers 0.42's ``ModelMixin.to`` warns on every dtype
+    cast even when the model keeps no module in float32 (its list is empty, as for SD 1.5), once per
+    model per run; those models get ``torch.nn.Module.to``, the others keep diffusers' cast."""
+    module.requires_grad_(False).eval()
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device, dtype=dtype)
+    return torch.nn.Module.to(module, device, dtype=dtype)
+
+
 def add_lora(unet: nn.Module, rank: int, target_modules: List[str], init: str = "gaussian",
              seed: int = 0) -> List[nn.Parameter]:
     """Attach a peft LoRA adapter (alpha = rank) and return its parameters, cast to fp32."""

@@ -158,7 +158,7 @@ def build_meta(cfg: Config) -> Models:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models import add_lora, build_flow_model
+    from .models import add_lora, build_flow_model, freeze
     from .rewards import build_reward
     from .rewards.loading import random_size
 
@@ -173,7 +173,7 @@ def build_meta(cfg: Config) -> Models:
         text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_cfg.items()
                                                        if not k.startswith("_")}))
         for module in (unet, vae, text_encoder):
-            module.requires_grad_(False).eval().to(dtype=frozen)
+            freeze(module, None, frozen)
         lora = cfg.model.lora
         lora_params = add_lora(unet, lora.rank, lora.target_modules, lora.init, cfg.seed)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
