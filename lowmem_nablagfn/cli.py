@@ -11,7 +11,7 @@ from .config import ConfigError, field_docs, list_presets, load_config, to_dict,
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", "-p", default="tiny_cpu",
-                   help=f"preset name in configs/ ({', '.join(list_presets())}) or a YAML path")
+                   help=f"preset name in lowmem_nablagfn/configs/ ({', '.join(list_presets())}) or a YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.reward_scale=1e4 (official --config.x.y=v accepted)")
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 BUILTIN_MODELS = ("tiny", "sd15-random")
 
 
@@ -235,7 +235,7 @@ def _normalise_override(arg: str) -> str:
 
 
 def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then a preset (name in ``configs/`` or a YAML path), then dotted overrides."""
+    """Defaults, then a preset (name in ``lowmem_nablagfn/configs/`` or a YAML path), then dotted overrides."""
     base = OmegaConf.structured(Config)
     layers = [base]
     if preset:

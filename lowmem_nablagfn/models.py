@@ -186,6 +186,12 @@ def freeze(module: torch.nn.Module, device=None, dtype: Optional[torch.dtype] = 
     return torch.nn.Module.to(module, device, dtype=dtype)
 
 
+def vae_encoder_modules(vae: torch.nn.Module) -> List[torch.nn.Module]:
+    """The parts of an ``AutoencoderKL`` that only *encode* images (never used by sampling, the reward
+    or training: they start from noise and only decode)."""
+    return [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
+
+
 def add_lora(unet: nn.Module, rank: int, target_modules: List[str], init: str = "gaussian",
              seed: int = 0) -> List[nn.Parameter]:
     """Attach a peft LoRA adapter (alpha = rank) and return its parameters, cast to fp32."""

@@ -68,6 +68,7 @@ from .config import Config, list_presets, load_config, to_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .memtrack import GiB, LiveBytes
+from .models import vae_encoder_modules
 
 PROBE_VERSION = 2
 SHIPPED = Path(__file__).resolve().parent / "planner_profiles"
@@ -221,7 +222,9 @@ def static_sizes(cfg: Config, m: Models) -> dict:
     if m.flow_model is not None:
         trainable += [p.numel() for p in m.flow_model.parameters()]
     return {
-        "unet": unet_frozen, "lora": sum(p.numel() * 4 for p in m.lora_params), "vae": _nbytes(m.vae),
+        "unet": unet_frozen, "lora": sum(p.numel() * 4 for p in m.lora_params),
+        # on an accelerator the trainer keeps the VAE encoder in host memory (it only decodes)
+        "vae": _nbytes(m.vae) - (0 if cfg.device == "cpu" else sum(_nbytes(e) for e in vae_encoder_modules(m.vae))),
         "text_encoder": _nbytes(m.text_encoder), "flow": _nbytes(m.flow_model), "reward": _nbytes(m.reward),
         "trainable_numels": trainable, "latent_shape": list(m.latent_shape), "text_shape": list(m.text_shape),
         "text_itemsize": next(m.text_encoder.parameters()).element_size(),

@@ -21,7 +21,7 @@ from . import memtrack
 from .config import Config, to_dict, validate
 from .diffusion import StepSchedule, make_schedule
 from .memory import ObjectiveSettings, Rows, UpdateContext, accumulate_gradients, apply_checkpointing
-from .models import SDParts, add_lora, build_flow_model, freeze, load_sd
+from .models import SDParts, add_lora, build_flow_model, freeze, load_sd, vae_encoder_modules
 from .rewards import build_reward
 from .rewards.prompts import load_prompts
 from .sampling import Trajectories, cfg_eps_fn, encode_prompts, sample
@@ -122,6 +122,8 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     frozen = DTYPES[cfg.training.mixed_precision]
     for module in (parts.unet, parts.vae, parts.text_encoder):
         freeze(module, device, frozen)
+    for module in vae_encoder_modules(parts.vae):  # training only decodes: the encoder stays in host memory
+        module.to("cpu")  # (planner.static_sizes counts it off the accelerator)
     lora = cfg.model.lora
     lora_params = add_lora(parts.unet, lora.rank, lora.target_modules, lora.init, cfg.seed)
     latent_size = cfg.sampling.resolution // parts.vae_scale_factor

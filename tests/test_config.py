@@ -76,3 +76,25 @@ def test_cli_reports_errors_before_building_models(capsys):
 
     assert main(["train", "--preset", "tiny_cpu", "model.timestep_fraction=0.3"]) == 2
     assert "K=3" in capsys.readouterr().err
+
+
+def test_presets_and_data_ship_inside_the_package():
+    """A non-editable install must find the presets, the planner profiles and the prompt sets: they live
+    in the package directory and pyproject's package-data names them."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import lowmem_nablagfn
+    from lowmem_nablagfn.config import PRESET_DIR, list_presets
+
+    pkg = Path(lowmem_nablagfn.__file__).resolve().parent
+    assert PRESET_DIR.parent == pkg and "tiny_cpu" in list_presets()
+    patterns = tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["lowmem_nablagfn"]
+    data = [p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".csv", ".txt")
+            and "__pycache__" not in p.parts]
+    assert data
+    for p in data:
+        rel = p.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), f"{rel} is not package data"

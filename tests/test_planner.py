@@ -188,3 +188,18 @@ def test_prediction_matches_cuda_peak_tiny(tmp_path, no_flow):
     peak, pred, phases = _compare(cfg)
     _report("tiny on CUDA", peak, pred, phases)
     assert pred.peak / GiB == pytest.approx(peak, rel=0.25)
+
+
+def test_vae_encoder_is_not_counted_on_an_accelerator(tmp_path):
+    """The trainer keeps the VAE encoder in host memory on a GPU (training only decodes); the planner's
+    weight count follows it there and keeps it on a CPU run."""
+    from lowmem_nablagfn.models import vae_encoder_modules
+
+    gpu = load_config("tiny_cpu", ["device=cuda"])
+    m = planner.build_meta(gpu)
+    enc = sum(planner._nbytes(e) for e in vae_encoder_modules(m.vae))
+    assert enc > 0 and {type(e).__name__ for e in vae_encoder_modules(m.vae)} == {"Encoder", "Conv2d"}
+    cpu = load_config("tiny_cpu", [])
+    assert planner.static_sizes(cpu, m)["vae"] == planner._nbytes(m.vae)
+    assert planner.static_sizes(gpu, m)["vae"] == planner._nbytes(m.vae) - enc
+    assert planner.static_sizes(gpu, m)["vae"] == planner._nbytes(m.vae.decoder) + planner._nbytes(m.vae.post_quant_conv)
