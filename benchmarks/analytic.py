@@ -28,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from lowmem_nablagfn.results import cpu_name, load_average  # noqa: E402
 from lowmem_nablagfn.analytic import (METHODS, AnalyticConfig, LinearReward,  # noqa: E402
                                       format_table, run_experiment, verdict)
 
@@ -75,18 +76,8 @@ def plot(target, untilted, rows, path: Path, max_points: int = 1500) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} logical CPUs (load avg {load:.1f} at the end: shared with other "
-            f"jobs), training single-threaded; Python {platform.python_version()}, torch {torch.__version__}")
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs (load avg {load_average():.1f} at the end: shared with "
+            f"other jobs), training single-threaded; Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def main(argv=None) -> int:

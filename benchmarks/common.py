@@ -1,37 +1,15 @@
-"""Shared by the benchmark scripts: machine description and appending to RESULTS.md."""
+"""Shared by the benchmark scripts: machine description and appending to RESULTS.md
+(``lowmem_nablagfn.results``, which the ``profile`` command uses too)."""
 from __future__ import annotations
 
-import datetime
-import os
-import platform
+import sys
 from pathlib import Path
 
-import torch
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        dev = f"CPU {cpu}, {os.cpu_count()} cores"
-    return f"{dev}; torch {torch.__version__}"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_nablagfn.results import RESULTS, machine  # noqa: E402,F401  (re-exported)
+from lowmem_nablagfn import results as _results  # noqa: E402
 
 
 def append_results(title: str, command: str, table: str, notes: str = "") -> None:
-    """Append one dated section (never rewrite: several scripts share the file)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"\n## {title} — {stamp}\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n{table}\n"
-    if notes:
-        text += f"\n{notes}\n"
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    """Append one dated section to benchmarks/RESULTS.md."""
+    _results.append_results(RESULTS, title, command, table, notes)

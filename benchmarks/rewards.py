@@ -22,11 +22,9 @@ import contextlib
 import datetime
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
 from lowmem_nablagfn.config import RewardConfig  # noqa: E402
+from lowmem_nablagfn.memtrack import LiveBytes  # noqa: E402
+from lowmem_nablagfn.results import cpu_name, load_average  # noqa: E402
 from lowmem_nablagfn.rewards import build_reward  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -48,30 +45,6 @@ VARIANTS = {"fp32": ("fp32", False), "fp32+ckpt": ("fp32", True), "bf16": ("bf16
             "bf16+ckpt": ("bf16", True)}
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and still alive (CPU accounting)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self._seen = 0, 0, WeakIdKeyDictionary()
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() in inputs or st in self._seen:
-                    continue
-                self._seen[st] = n = st.nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, n)
-        return out
 
 
 def sync(device):
@@ -98,7 +71,7 @@ def timed(reward, x, prompts, repeats, warmup=True):
     for _ in range(repeats):
         gc.collect()
         sync(x.device)
-        with LiveBytes() if cpu else contextlib.nullcontext() as mem:
+        with LiveBytes(new_only=True) if cpu else contextlib.nullcontext() as mem:
             start = time.perf_counter()
             score_grad(reward, x, prompts)
             sync(x.device)
@@ -156,7 +129,7 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 3)
     device = torch.device(args.device)
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = load_average()
     rows = []
     for name in args.rewards:
         for variant in variants:
@@ -200,8 +173,8 @@ def main(argv=None):
         if device.type == "cuda":
             machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
         else:
-            load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            machine = (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            load_after = load_average()
+            machine = (f"CPU {cpu_name()}, {torch.get_num_threads()} torch threads, "
                        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start / {load_after:.1f} "
                        f"at end (a shared machine: times are upper bounds), torch {torch.__version__}")
         command = "python benchmarks/rewards.py " + " ".join(argv if argv is not None else sys.argv[1:])

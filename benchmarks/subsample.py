@@ -37,6 +37,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lowmem_nablagfn.results import cpu_name, load_average  # noqa: E402
 from lowmem_nablagfn.subsample import reference  # noqa: E402
 
 SIZES = ["64x50x4x64x64", "64x50x4x128x128"]
@@ -140,17 +141,10 @@ def bench_size(size: str, args, device: torch.device, kernel) -> List[Result]:
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     # CPU timings on a shared machine move with its load: record it
-    load = f", load average {os.getloadavg()[0]:.1f} / {os.cpu_count()} CPUs"
+    load = f", load average {load_average():.1f} / {os.cpu_count()} CPUs"
     try:
         import triton
         tri = triton.__version__

@@ -38,19 +38,30 @@ from torch.utils._pytree import tree_leaves
 GiB = 2**30
 
 
+def _storage_key(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of live tensor storages, counted at every aten op while the mode is active.
 
     Args:
         device_type: count only storages on this device type (``"cpu"``, ``"cuda"``); ``None``: all.
+        new_only: do not count an op's output that is a view of one of its inputs' storages unless that
+            storage is counted already (``t()`` of a weight, ``detach``…): with nothing registered, the
+            count is then the bytes *created* inside the mode (activations, saved tensors, copies).
 
     Use as a context manager (``with LiveBytes() as mem: ...``); ``mem.peak`` / ``mem.current`` are
     bytes.  :meth:`reset_peak` starts a new peak window at the current level.
     """
 
-    def __init__(self, device_type: Optional[str] = None):
+    def __init__(self, device_type: Optional[str] = None, new_only: bool = False):
         super().__init__()
         self.device_type = device_type
+        self.new_only = new_only
         self.live: Dict[int, int] = {}  # StorageImpl address -> bytes
         self._refs: Dict[int, weakref.ref] = {}
         self.current = 0
@@ -89,8 +100,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = set()
+        if self.new_only:
+            inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
+                if inputs and _storage_key(t) in inputs and _storage_key(t) not in self.live:
+                    continue
                 self._add(t)
         return out
 

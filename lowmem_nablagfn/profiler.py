@@ -14,21 +14,17 @@ phase's own increment.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from . import memtrack
+from . import memtrack, results
 from .config import Config, to_dict
 from .memtrack import GiB
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
 PHASES = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad_cur", "reference", "policy",
           "train", "optimizer")
 
@@ -48,22 +44,6 @@ def _tensors(c, data) -> List[torch.Tensor]:
     if data is not None:
         out += [v for v in data.state_dict().values() if isinstance(v, torch.Tensor)]
     return out
-
-
-def _machine() -> str:
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        dev = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    return f"{dev}; torch {torch.__version__}"
 
 
 def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optional[Path] = None) -> dict:
@@ -128,7 +108,7 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
     images = ph["sampling"].items if "sampling" in ph else 0
     transitions = ph["train"].items if "train" in ph else 0
     summary = {
-        "device": str(c.device), "machine": _machine(), "updates": updates, "warmup_s": warm_s,
+        "device": str(c.device), "machine": results.machine(threads=True), "updates": updates, "warmup_s": warm_s,
         "peak_gib": overall / GiB, "start_gib": start_bytes / GiB,
         "images_per_s": images / sample_s if sample_s else None,
         "transitions_per_s": transitions / update_s if update_s else None,
@@ -174,16 +154,6 @@ def summary_line(result: dict) -> str:
             f"per update ({s['updates']} recorded after warm-up); device {s['device']}")
 
 
-def append_results(path: Path, title: str, command: str, table: str, notes: str = "") -> None:
-    """Append one dated section (the format of benchmarks/common.py; never rewrites the file)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"\n## {title} — {stamp}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}\n"
-    if notes:
-        text += f"\n{notes}\n"
-    with open(path, "a") as f:
-        f.write(text)
-
-
 def main(cfg: Config, args) -> int:
     """The CLI subcommand (see :mod:`lowmem_nablagfn.cli`)."""
     import sys
@@ -209,12 +179,12 @@ def main(cfg: Config, args) -> int:
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"profile written to {out}")
     if not args.no_results:
-        path = Path(args.results) if args.results else RESULTS
+        path = Path(args.results) if args.results else results.RESULTS
         if path.parent.is_dir():
             command = "lowmem-nablagfn " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-            append_results(path, f"Profile: {args.preset}", command, table, line)
+            results.append_results(path, f"Profile: {args.preset}", command, table, line, threads=True)
             print(f"appended to {path}")
     return 0
 
 
-__all__ = ["append_results", "main", "phase_table", "run_profile", "summary_line"]
+__all__ = ["main", "phase_table", "run_profile", "summary_line"]

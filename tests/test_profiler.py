@@ -37,6 +37,25 @@ def test_live_bytes_sees_autograd_grad_and_frozen_modules():
     assert g.shape == x.shape
 
 
+def test_live_bytes_new_only_skips_views_of_existing_tensors():
+    """``new_only``: views of storages made before the block (a weight's ``t()``) are not counted
+    unless registered; what the block creates is, and registered storages stay counted."""
+    w = torch.randn(256, 256)
+    x = torch.randn(4, 256)
+    with LiveBytes() as every:
+        wt = w.t()
+    assert every.current == w.numel() * 4  # the default counts the weight through its view
+    with LiveBytes(new_only=True) as new:
+        wt = w.t()
+        y = x @ wt
+        assert new.current == y.numel() * 4
+    with LiveBytes(new_only=True) as reg:
+        reg.register([w])
+        wt = w.t()
+        assert reg.current == w.numel() * 4
+    del wt
+
+
 def test_live_bytes_same_under_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

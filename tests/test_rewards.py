@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import gc
 import time
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowmem_nablagfn.config import RewardConfig
+from lowmem_nablagfn.memtrack import LiveBytes
 from lowmem_nablagfn.rewards import aesthetic, build_reward, hpsv2, imagereward
 from lowmem_nablagfn.rewards.loading import MissingCheckpointError
 from lowmem_nablagfn.rewards.preprocess import ImageTransform, center_crop, resize_shortest_side
@@ -50,39 +47,15 @@ def score_and_grad(reward, x, prompts=PROMPTS):
     return s.detach(), g
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storages created inside the mode and still alive (CPU memory accounting)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self._seen = 0, 0, WeakIdKeyDictionary()
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() in inputs or st in self._seen:
-                    continue
-                self._seen[st] = n = st.nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, n)
-        return out
 
 
 def graph_bytes(reward, x, prompts):
     """Bytes a forward pass keeps alive for the backward pass (the graph's saved tensors)."""
     x = x.detach().clone().requires_grad_(True)
-    with LiveBytes() as mem:
+    with LiveBytes(new_only=True) as mem:
         s = reward(x, prompts)
         gc.collect()
-        kept = mem.live - s.untyped_storage().nbytes()
+        kept = mem.current - s.untyped_storage().nbytes()
         s.sum().backward()
     return kept
 
@@ -204,7 +177,7 @@ def test_bf16_storage_graph_keeps_no_fp32_weight_copies(name):
 def test_bf16_storage_never_copies_embedding_tables(name):
     r = reduced(name, "bf16")
     table = max((m.weight for m in r.modules() if isinstance(m, torch.nn.Embedding)), key=torch.Tensor.numel)
-    with torch.no_grad(), LiveBytes() as mem:
+    with torch.no_grad(), LiveBytes(new_only=True) as mem:
         r(images(1, 32), ["a prompt never seen before"])  # HPS: encodes the prompt too
     assert mem.peak < table.numel() * 4 / 2  # an fp32 copy of the largest table would exceed this
 
