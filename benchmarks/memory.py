@@ -1,8 +1,8 @@
-"""Peak memory of one training update (``accumulate_gradients`` on one batch of rows), naive vs optimised,
+"""Peak memory of one training update (``accumulate_gradients`` on one batch of rows), official schedule vs optimised,
 residual and no-flow, on full-size Stable Diffusion 1.5 shapes with random weights.
 
     python benchmarks/memory.py                      # CPU: 256 px, fp32; CUDA: 512 px, bf16
-    python benchmarks/memory.py --trajectories 2 --variants naive,optimized,lowmem [key=value ...]
+    python benchmarks/memory.py --trajectories 2 --variants official,optimized,lowmem [key=value ...]
 
 Workload: ``pretrained.model=sd15-random`` (859.5 M UNet, 83.7 M VAE, 123 M text encoder), CFG 5, LoRA
 rank 8, the aesthetic reward at full size with random weights (CLIP ViT-L/14 image tower + head,
@@ -13,7 +13,10 @@ would cost minutes on a CPU and does not change the update's memory).
 
 Variants (the optimised schedule is exact: tests/test_memory.py):
 
-* ``naive``     — the official order of work, one graph for the batch (memory.mode=naive);
+* ``official``  — the official code's order and granularity: one graph and one backward per
+  transition slot of ``--trajectories`` rows (memory.mode=official); the baseline of the ratios;
+* ``naive``     — the same passes with the whole batch in one graph (memory.mode=naive; the tests'
+  gradient reference, (K+1)x the official schedule's activations; not run by default);
 * ``optimized`` — the pass schedule of lowmem_nablagfn.memory, input-gradient passes one row at a
   time (input_grad_chunk=1), no checkpointing;
 * ``lowmem``    — ``optimized`` + checkpointing of UNet, VAE, reward towers and flow model, training
@@ -34,7 +37,7 @@ How the peak is measured:
 Precision: bf16 on CUDA (what the GPU presets use).  On this CPU fp32: it has no AVX512-BF16, and a
 bf16 convolution ran 70x slower than fp32 (220 s vs 3 s, 64x256x32x32, 3x3), which would make the
 benchmark take hours; in bf16 the frozen-weight and most activation bytes halve (the LoRA and reward
-math stay fp32), so the CPU figures are about twice a bf16 run's, and the naive/optimised ratios carry
+math stay fp32), so the CPU figures are about twice a bf16 run's, and the official/optimised ratios carry
 over.  The planner (``lowmem-nablagfn plan``) predicts the bf16 / 512 px figures on GPU cards.
 
 Prints a table and appends it to benchmarks/RESULTS.md.
@@ -59,6 +62,7 @@ from lowmem_nablagfn.memory import Rows, accumulate_gradients  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
 
 VARIANTS = {
+    "official": dict(mode="official"),
     "naive": dict(mode="naive"),
     "optimized": dict(mode="optimized", input_grad_chunk=1),
     "lowmem": dict(mode="optimized", input_grad_chunk=1, train_chunk=1, checkpoint_unet=True,
@@ -76,7 +80,8 @@ def make_rows(c, n_traj: int, seed: int = 0) -> Rows:
     cond = T.encode(c, prompts).repeat_interleave(2, 0)
     rand = lambda: torch.randn(shape, generator=gen).to(c.device)  # noqa: E731
     return Rows(x=rand(), x_next=rand(), eps_sampled=rand(), step_index=step.to(c.device), cond=cond,
-                prompts=[p for p in prompts for _ in range(2)], end=(step == steps - 1).to(c.device))
+                prompts=[p for p in prompts for _ in range(2)], end=(step == steps - 1).to(c.device),
+                slot=torch.tensor([0, 1] * n_traj, device=c.device))
 
 
 def set_memory_options(c, opts: dict) -> None:
@@ -97,8 +102,11 @@ def measure(c, rows: Rows, opts: dict) -> dict:
     ctx.input_grad_chunk, ctx.train_chunk = opts.get("input_grad_chunk", 0), opts.get("train_chunk", 0)
     c.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    existing = [rows.x, rows.x_next, rows.eps_sampled, rows.step_index, rows.cond, rows.end, c.uncond]
-    for module in (c.parts.unet, c.parts.vae, c.parts.text_encoder, c.flow_model, c.reward_model):
+    from lowmem_nablagfn.sampling import as_conditioning  # SDXL: pooled embeddings and time ids too
+
+    existing = [rows.x, rows.x_next, rows.eps_sampled, rows.step_index, rows.end,
+                *as_conditioning(rows.cond).tensors(), *as_conditioning(c.uncond).tensors()]
+    for module in (c.parts.unet, c.parts.vae, *c.parts.text_encoders, c.flow_model, c.reward_model):
         if module is not None:
             existing += list(module.parameters()) + list(module.buffers())
     n_end = float(rows.end.sum())
@@ -120,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trajectories", type=int, default=1, help="trajectories per batch (2 rows each)")
     ap.add_argument("--resolution", type=int, default=None, help="default: 512 on CUDA, 256 on CPU")
-    ap.add_argument("--variants", default="naive,optimized,lowmem")
+    ap.add_argument("--variants", default="official,optimized,lowmem")
     ap.add_argument("--objectives", default="residual,no_flow")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("overrides", nargs="*")
@@ -152,10 +160,10 @@ def main() -> None:
         del c, rows
         gc.collect()
 
-    lines = ["| objective | variant | peak (GiB) | above resident (GiB) | vs naive (peak) | vs naive (above resident) "
+    lines = ["| objective | variant | peak (GiB) | above resident (GiB) | vs official (peak) | vs official (above resident) "
              "| peak phase | s |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for objective, name, r in results:
-        base = next((x for o, n, x in results if o == objective and n == "naive"), None)
+        base = next((x for o, n, x in results if o == objective and n == "official"), None)
         act = r["peak"] - r["resident"]
         ratio = f"{r['peak'] / base['peak']:.2f}x" if base else "–"
         ratio_act = f"{act / (base['peak'] - base['resident']):.2f}x" if base else "–"

@@ -91,9 +91,10 @@ def images(batch, resolution, device, seed=0):
     return torch.rand(batch, 3, resolution, resolution, generator=g).to(device)
 
 
-def build(name, weight_dtype, checkpointing, device):
-    reward = build_reward(RewardConfig(name=name, checkpoint="random", weight_dtype=weight_dtype), device)
-    reward.set_checkpointing(checkpointing)
+def build(name, weight_dtype, checkpointing, device, checkpoint="random"):
+    reward = build_reward(RewardConfig(name=name, checkpoint=checkpoint, weight_dtype=weight_dtype), device)
+    if hasattr(reward, "set_checkpointing"):
+        reward.set_checkpointing(checkpointing)
     if hasattr(reward, "precompute_text"):
         reward.precompute_text(PROMPTS)
     return reward

@@ -1,6 +1,9 @@
 """The configuration tree: one dataclass per section, every field documented, presets in YAML.
 
-Defaults are the official settings of ALGORITHM.md.  Batch arithmetic, per process::
+Defaults are the official ``default_config.py`` settings of ALGORITHM.md ("Official defaults"),
+except the model and the reward, which stay offline-friendly (``pretrained.model=tiny``,
+``reward.name=builtin:redness``, ``prompts.set=simple_animals``): the paper's runs are the
+``sd15_a100x8*`` presets.  Batch arithmetic, per process::
 
     trajectories per epoch  = sampling.batch_size * sampling.num_batches_per_epoch
     training batches/epoch  = trajectories per epoch / training.batch_size
@@ -20,7 +23,8 @@ from typing import List, Optional, Sequence
 from omegaconf import OmegaConf
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-BUILTIN_MODELS = ("tiny", "sd15-random")
+BUILTIN_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # as models.SINGLE_FILE_SUFFIXES (no torch import here)
 
 
 class ConfigError(ValueError):
@@ -31,11 +35,19 @@ class ConfigError(ValueError):
 class PretrainedConfig:
     model: str = "tiny"
     """``tiny`` (random tiny SD, CPU), ``sd15-random`` (SD 1.5 shapes, random weights, for
-    profiling), a local diffusers directory, or a hub id (honours ``HF_HUB_OFFLINE``)."""
+    profiling), ``tiny-sdxl`` / ``sdxl-random`` (the same for SDXL: two text encoders, added
+    conditioning; set ``sampling.resolution=1024`` for SDXL's native size, as the ``sdxl_*`` presets
+    do), a local diffusers directory (SD 1.x or SDXL), a single ``.safetensors`` / ``.ckpt`` file in
+    the original A1111 / ComfyUI layout (SD 1.x or SDXL base; configs ship in the package, no
+    download), or a hub id (honours ``HF_HUB_OFFLINE``)."""
     revision: Optional[str] = None
     """Hub revision of ``model`` (ignored for local directories)."""
+    vae: Optional[str] = None
+    """A diffusers ``AutoencoderKL`` directory or hub id replacing the model's VAE, e.g. SDXL's
+    fp16-fix VAE (``madebyollin/sdxl-vae-fp16-fix``), which runs in fp16 where SDXL's own VAE is
+    upcast to fp32 (it overflows in fp16)."""
     seed: int = 0
-    """Seed of the random weights of ``tiny`` / ``sd15-random``."""
+    """Seed of the random weights of the built-in models (``tiny``, ``sd15-random``, ``tiny-sdxl``, ``sdxl-random``)."""
 
 
 @dataclass
@@ -50,16 +62,20 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    reward_scale: float = 1e4
-    """β, the inverse temperature of the reward: target ∝ p_ref(x) exp(β R(x))."""
+    reward_scale: float = 1e3
+    """β, the inverse temperature of the reward: target ∝ p_ref(x) exp(β R(x)). Official default
+    1e3; the paper: 1e4 (aesthetic), 5e5 (HPSv2), 1e4 (ImageReward) — see the ``sd15_a100x8*`` presets."""
     unet_reg_scale: float = 1e3
-    """λ_reg, weight of the trust-region term mean(ε^θ - ε_sampled)²."""
+    """λ_reg, weight of the trust-region term mean(ε^θ - ε_sampled)². Official default 1e3; the
+    paper: 2e3 (aesthetic), 5e3 (HPSv2, ImageReward)."""
     reverse_loss_scale: float = 1.0
     """λ_rev, weight of the reverse ∇-DB term (forced to 0 in no-flow mode)."""
     pretrained_strength: float = 1.0
     """Multiplier of the reference policy's scores (prior strength, in [0, 1])."""
     timestep_fraction: float = 0.1
-    """Fraction of the T transitions trained per trajectory: K = int(T * fraction), plus the last."""
+    """Fraction of the T transitions trained per trajectory: K = int(T * fraction), plus the last.
+    With low-variance subsampling T must be divisible by K: 0.1 for 50 DDPM steps (K = 5); for 20
+    DPM-Solver steps 0.1 (K = 2), 0.2 (K = 4), 0.25 (K = 5) or 0.5 (K = 10) — not 0.4 (K = 8)."""
     reward_adaptive_mode: str = "squared"
     """Weight of the reward score at x_s: ``squared`` (ᾱ_s) or ``sqrt`` (√ᾱ_s)."""
     no_flow: bool = False
@@ -81,24 +97,26 @@ class SamplingConfig:
     """DDIM stochasticity; must be > 0 (scores of a deterministic step are undefined)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale w: ε = ε_u + w (ε_c - ε_u)."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Trajectories sampled per batch per process."""
-    num_batches_per_epoch: int = 1
-    """Sampling batches per epoch per process."""
+    num_batches_per_epoch: int = 4
+    """Sampling batches per epoch per process (16 x 4 = 64 trajectories per process per epoch)."""
     low_var_subsampling: bool = True
     """Draw one transition per block of steps (low variance) instead of K uniformly."""
     resolution: int = 512
-    """Image side in pixels (latent side = resolution / VAE scale factor)."""
+    """Image side in pixels (latent side = resolution / VAE scale factor). SD 1.5: 512; SDXL: 1024
+    (its native size, set by the ``sdxl_*`` presets; SDXL's time ids follow this value)."""
 
 
 @dataclass
 class TrainingConfig:
     num_epochs: int = 100
     """Epochs of sample -> reward -> train."""
-    batch_size: int = 2
+    batch_size: int = 4
     """Trajectories per training batch per process (all their kept transitions train)."""
-    gradient_accumulation_steps: int = 4
-    """Training batches per optimiser step (exactly one optimiser step per update)."""
+    gradient_accumulation_steps: int = 8
+    """Training batches per optimiser step (exactly one optimiser step per update): 64 / 4 = 16
+    batches per epoch, so 2 optimiser steps per epoch with the defaults."""
     on_policy: bool = False
     """Train on this epoch's samples; default False is the official one-epoch lag."""
     learning_rate: float = 1e-3
@@ -118,8 +136,13 @@ class TrainingConfig:
     optimizer: str = "adamw"
     """``adamw`` (torch), ``adamw8bit`` or ``paged_adamw8bit`` (bitsandbytes extra)."""
     mixed_precision: str = "bf16"
-    """Storage of the frozen parts: ``bf16``, ``fp16`` or ``no`` (fp32). Trained parts stay fp32."""
+    """Storage of the frozen parts: ``bf16``, ``fp16`` or ``no`` (fp32). Trained parts stay fp32.
+    ``fp16`` (V100): every backward runs under a dynamic loss scale (``memory.LossScaler``),
+    overflowing updates are skipped and the scale lowered."""
     allow_tf32: bool = True
+    max_nonfinite_updates: int = 3
+    """An update whose loss or gradient is inf/NaN is skipped (weights and optimiser state untouched,
+    with a warning); this many skipped in a row stop the run with an error naming the likely causes."""
 
 
 @dataclass
@@ -128,11 +151,20 @@ class RewardConfig:
     """``builtin:redness`` | ``builtin:brightness`` | ``builtin:saturation`` (offline, tiny runs),
     ``aesthetic``, ``hpsv2``, ``imagereward`` (rewards extra, local checkpoints)."""
     checkpoint: Optional[str] = None
-    """Local path (or hub id when online) of the reward model's weights."""
+    """Local path (or hub file when online) of the reward model's weights; None = the default:
+    aesthetic — the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` shipped inside the package;
+    HPSv2 / ImageReward — the official hub files."""
     backbone: Optional[str] = None
     """Local path (or hub id) of the backbone, where the reward needs one (aesthetic: CLIP ViT-L/14)."""
     weight_dtype: str = "fp32"
     """Storage dtype of the reward weights (math is always fp32): ``fp32``, ``bf16``, ``fp16``."""
+    antialias: Optional[bool] = None
+    """Antialiased (PIL-like) bicubic resize to the reward's input size; None = the official
+    preprocessing of that reward: aesthetic ``false`` (``F.interpolate(..., mode="bicubic")``, what
+    the paper's β was tuned with), HPSv2 and ImageReward ``true`` (torchvision's resize)."""
+    max_length: Optional[int] = None
+    """ImageReward prompt tokens (padded, truncated); None = 35, as ``ImageReward.score`` (the
+    official ∇-GFlowNet code pads to 512: the same score up to 35 tokens). Only ImageReward has it."""
 
 
 @dataclass
@@ -147,7 +179,15 @@ class PromptConfig:
 @dataclass
 class MemoryConfig:
     mode: str = "optimized"
-    """``optimized`` (pass scheduling, chunking) or ``naive`` (the official order, for comparison)."""
+    """``optimized`` (pass scheduling, chunking), ``official`` (the official code's order and
+    granularity: one graph and one backward per transition slot of ``training.batch_size`` rows —
+    the baseline of the benchmarks) or ``naive`` (the whole batch in one graph: the tests' gradient
+    reference, not for training)."""
+    attention: str = "sdpa"
+    """Attention kernel of the UNet and VAE (diffusers attention processors): ``sdpa``
+    (``F.scaled_dot_product_attention``; PyTorch picks flash / memory-efficient / math per card and
+    dtype), ``xformers`` (``xformers.ops.memory_efficient_attention``; xformers must be installed) or
+    ``math`` (SDPA forced to its math kernel: the attention matrix is materialised — for comparison)."""
     checkpoint_unet: bool = False
     """Gradient checkpointing of the UNet (LoRA and reference passes with a graph)."""
     checkpoint_vae: bool = False
@@ -162,6 +202,9 @@ class MemoryConfig:
     """Rows per parameter-gradient pass, gradients accumulated; 0 = whole batch."""
     store_only_trained: bool = True
     """Draw the trained transitions before sampling and store only those (memory ∝ K+1, not T)."""
+    transition_dtype: str = "fp32"
+    """Storage of the kept transitions (x_t, x_{t-1}, sampled ε): ``fp32`` (default) or ``bf16``
+    (half the buffer; ~11 % relative error in s_F at the last transition, ALGORITHM.md)."""
     offload_trajectories: bool = False
     """Keep trajectory buffers in (pinned) CPU memory between sampling and training."""
     offload_text_encoder: bool = False
@@ -197,6 +240,9 @@ class LoggingConfig:
     """Fixed-seed samples drawn for the grid each epoch (0 disables)."""
     quiet: bool = False
     """No progress bars (clusters)."""
+    overwrite: bool = False
+    """Start afresh in a run directory that already holds checkpoints: its checkpoints and outputs
+    are deleted first (CLI: ``--overwrite``). Without it such a start is refused (``--resume`` continues)."""
 
 
 @dataclass
@@ -234,6 +280,61 @@ def _normalise_override(arg: str) -> str:
     return f"{key}={value}"
 
 
+def _field_type(key: str):
+    """The annotation of a dotted key's field (``str``, ``Optional[str]``, ...), or None if unknown."""
+    import typing
+
+    cls = Config
+    *path, leaf = key.split(".")
+    for name in path:
+        cls = typing.get_type_hints(cls).get(name)
+        if not is_dataclass(cls):
+            return None
+    return typing.get_type_hints(cls).get(leaf) if is_dataclass(cls) else None
+
+
+def _is_text(tp) -> tuple:
+    """(is a string field, may be None)."""
+    import types
+    import typing
+
+    if tp is str:
+        return True, False
+    args = typing.get_args(tp)
+    union = typing.get_origin(tp) in (typing.Union, getattr(types, "UnionType", typing.Union))
+    return union and set(args) == {str, type(None)}, True
+
+
+def _override_layer(arg: str):
+    """One dotted override as a config layer.  A string field takes the text as written (YAML would
+    read ``no``/``off``/``yes``/``on`` as booleans and ``null`` as None); one pair of surrounding quotes
+    is dropped, and an optional string field (``reward.checkpoint``, ...) reads ``null`` as unset.
+    Other fields are parsed as YAML (numbers, booleans, lists)."""
+    key, value = _normalise_override(arg).split("=", 1)
+    text, optional = _is_text(_field_type(key))
+    if not text:
+        return OmegaConf.from_dotlist([f"{key}={value}"])
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    elif optional and value == "null":
+        value = None
+    layer = OmegaConf.create()
+    OmegaConf.update(layer, key, value, force_add=True)
+    return layer
+
+
+def _check_yaml_text(layer, source: str, prefix: str = "") -> None:
+    """A preset's unquoted ``no``/``off``/``yes``/``on`` in a string field arrives as a YAML boolean:
+    say so rather than let it become the string 'False'."""
+    for name, value in layer.items() if OmegaConf.is_dict(layer) else []:
+        key = f"{prefix}{name}"
+        if OmegaConf.is_dict(value):
+            _check_yaml_text(value, source, f"{key}.")
+        elif isinstance(value, bool) and _is_text(_field_type(key))[0]:
+            raise ConfigError(f"{key} in {source} is an unquoted yes/no/on/off/true/false, which YAML reads "
+                              f"as a boolean, but the option is text; quote it, e.g. {name}: \"no\"")
+
+
 def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then a preset (name in ``lowmem_nablagfn/configs/`` or a YAML path), then dotted overrides."""
     base = OmegaConf.structured(Config)
@@ -246,9 +347,23 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
             raise ConfigError(f"preset {preset!r} not found; available: {', '.join(list_presets())} "
                               f"(or give a path to a YAML file)")
         layers.append(OmegaConf.load(path))
+        _check_yaml_text(layers[-1], str(path))
     try:
-        layers.append(OmegaConf.from_dotlist([_normalise_override(o) for o in overrides]))
         merged = OmegaConf.merge(*layers)
+        for o in overrides:  # one at a time: a bad value is reported as the user typed it
+            try:
+                merged = OmegaConf.merge(merged, _override_layer(o))
+            except ConfigError:
+                raise
+            except Exception as exc:
+                key, value = _normalise_override(o).split("=", 1)
+                tp = _field_type(key)
+                if tp is None:
+                    raise
+                want = {int: "an integer", float: "a number", bool: "true or false"}.get(
+                    tp, str(tp).replace("typing.", "").replace("<class '", "").replace("'>", ""))
+                raise ConfigError(f"bad configuration value {key}={value}: expected {want} "
+                                  f"(see `lowmem-nablagfn help-config`)") from None
     except ConfigError:
         raise
     except Exception as exc:  # OmegaConf names the bad key/value; re-raise as one clear error
@@ -296,6 +411,22 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
 
 
+def _nonfinite_floats(node, prefix: str = "") -> List[str]:
+    """Dotted names of the float values (lists included) of a config tree that are inf or nan."""
+    import math
+
+    out = []
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            out += _nonfinite_floats(value, f"{prefix}{f.name}.")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"{prefix}{f.name}={v}")
+                break
+    return out
+
+
 def validate(cfg: Config) -> Config:
     """Check every value; raise one :class:`ConfigError` listing each problem with its fix."""
     from .rewards import known_reward, reward_names
@@ -309,6 +440,11 @@ def validate(cfg: Config) -> Config:
             errors.append(msg)
 
     s, t, m, mem = cfg.sampling, cfg.training, cfg.model, cfg.memory
+    for name in _nonfinite_floats(cfg):
+        errors.append(f"{name} is not finite; give a finite number (no inf or nan anywhere in the configuration)")
+    need(t.max_nonfinite_updates > 0,
+         f"training.max_nonfinite_updates={t.max_nonfinite_updates} must be a positive integer (3: stop "
+         f"after three skipped updates in a row)")
     for name, value in [("sampling.batch_size", s.batch_size),
                         ("sampling.num_batches_per_epoch", s.num_batches_per_epoch),
                         ("sampling.num_steps", s.num_steps), ("sampling.resolution", s.resolution),
@@ -323,8 +459,8 @@ def validate(cfg: Config) -> Config:
                         ("logging.sample_grid_seeds", cfg.logging.sample_grid_seeds)]:
         need(value >= 0, f"{name}={value} must be >= 0 (0 = off / whole batch)")
     need(0 < m.timestep_fraction <= 1,
-         f"model.timestep_fraction={m.timestep_fraction} must lie in (0, 1] (0.1 for 50 DDPM steps, "
-         f"0.4 for 20 DPM-Solver steps)")
+         f"model.timestep_fraction={m.timestep_fraction} must lie in (0, 1] (0.1 for 50 DDPM steps; "
+         f"0.1, 0.2 or 0.25 for 20 DPM-Solver steps)")
     need(0 <= m.pretrained_strength <= 1,
          f"model.pretrained_strength={m.pretrained_strength} must lie in [0, 1]")
     for name, value in [("model.reward_scale", m.reward_scale), ("training.learning_rate", t.learning_rate),
@@ -345,7 +481,9 @@ def validate(cfg: Config) -> Config:
         ("training.optimizer", t.optimizer, ("adamw", "adamw8bit", "paged_adamw8bit")),
         ("training.mixed_precision", t.mixed_precision, ("bf16", "fp16", "no")),
         ("reward.weight_dtype", cfg.reward.weight_dtype, ("fp32", "bf16", "fp16")),
-        ("memory.mode", mem.mode, ("optimized", "naive")),
+        ("memory.transition_dtype", mem.transition_dtype, ("fp32", "bf16")),
+        ("memory.mode", mem.mode, ("optimized", "official", "naive")),
+        ("memory.attention", mem.attention, ("sdpa", "xformers", "math")),
         ("distributed.backend", cfg.distributed.backend, ("ddp", "deepspeed")),
         ("prompts.split", cfg.prompts.split, ("train", "eval")),
         ("device", cfg.device, ("auto", "cpu", "cuda")),
@@ -366,10 +504,30 @@ def validate(cfg: Config) -> Config:
     need(not m.lora.target_modules == [], "model.lora.target_modules is empty; name at least one module")
 
     model = cfg.pretrained.model
-    if model not in BUILTIN_MODELS and _is_local_path(model):
+    if model not in BUILTIN_MODELS and Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        need(Path(model).expanduser().is_file(),
+             f"pretrained.model={model!r}: no such file; give an existing single-file checkpoint "
+             f"(.safetensors / .ckpt, A1111 / ComfyUI layout), a diffusers directory or a hub id")
+    elif model not in BUILTIN_MODELS and _is_local_path(model):
         need(Path(model).expanduser().is_dir(),
              f"pretrained.model={model!r}: no such directory; give a local diffusers model directory "
-             f"(with unet/, vae/, text_encoder/, tokenizer/), a hub id, 'tiny' or 'sd15-random'")
+             f"(with unet/, vae/, text_encoder/, tokenizer/), a single .safetensors/.ckpt file, a hub id, "
+             f"or one of {', '.join(BUILTIN_MODELS)}")
+    scheduler_json = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    if model not in BUILTIN_MODELS and scheduler_json.is_file():  # a local model: its prediction type now
+        import json
+
+        from .diffusion import check_scheduler_config
+
+        try:
+            check_scheduler_config(json.loads(scheduler_json.read_text()), f"pretrained.model={model!r}")
+        except ValueError as exc:
+            errors.append(str(exc))
+    vae = cfg.pretrained.vae
+    if vae and _is_local_path(vae):
+        need((Path(vae).expanduser() / "config.json").is_file(),
+             f"pretrained.vae={vae!r}: no diffusers VAE directory there (config.json + weights); give "
+             f"one, a hub id, or leave it unset to keep the model's own VAE")
     if s.resolution > 0:
         need(s.resolution % 8 == 0, f"sampling.resolution={s.resolution} must be a multiple of 8")
 
@@ -396,6 +554,19 @@ def validate(cfg: Config) -> Config:
         errors.append(f"training.optimizer={t.optimizer!r} cannot be partitioned by DeepSpeed ZeRO; "
                       f"use training.optimizer=adamw with distributed.backend=deepspeed, or "
                       f"distributed.backend=ddp with 8-bit AdamW")
+    r = cfg.reward
+    if r.antialias is not None:
+        need(not r.name.startswith("builtin:"), f"reward.antialias={r.antialias} has no effect on {r.name} "
+                                                f"(built-in rewards do not resize); remove it")
+    if r.max_length is not None:
+        need(r.name == "imagereward", f"reward.max_length={r.max_length} is only used by reward.name=imagereward "
+                                      f"(the others tokenise with their own fixed context); remove it")
+        need(0 < r.max_length <= 512, f"reward.max_length={r.max_length} must lie in [1, 512] "
+                                      f"(BERT's positions; 35 = ImageReward.score, 512 = the official ∇-GFlowNet code)")
+    if t.mixed_precision == "fp16" and cfg.distributed.backend == "deepspeed":
+        errors.append("training.mixed_precision=fp16 with distributed.backend=deepspeed is not supported: the "
+                      "fp16 loss scaler unscales and checks the gradients before the update, which ZeRO "
+                      "partitions; use distributed.backend=ddp (fp16 loss scaling) or bf16")
     if cfg.distributed.offload_optimizer and cfg.distributed.backend != "deepspeed":
         errors.append("distributed.offload_optimizer=true needs distributed.backend=deepspeed (ZeRO-Offload); "
                       "with ddp, save optimiser memory with training.optimizer=adamw8bit instead")

@@ -18,12 +18,19 @@ h = lambda_t - lambda_s)::
 
 So one code path gives the forward score (closed form) and the reverse score (one vector-Jacobian
 product through the noise model) for either sampler.  Timesteps and alphas come from the diffusers
-schedulers themselves, so the step grid is exactly the one the pipelines use.
+schedulers themselves, built from the loaded model's own scheduler config (betas, spacing, offset),
+so the step grid is exactly the one the model's pipeline uses.
+
+Prediction types (``scheduler_config["prediction_type"]``): ``epsilon`` (SD 1.x) and ``v_prediction``
+(SD 2.x 768 px).  A v-model's output is turned into the noise prediction the math above uses,
+``ε = √ᾱ_t v + √(1-ᾱ_t) x_t`` (:func:`as_epsilon`; then ``x̂0 = √ᾱ_t x_t - √(1-ᾱ_t) v`` follows), before
+anything else sees it; CFG commutes with that affine map.  Anything else is refused
+(:func:`check_scheduler_config`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -41,6 +48,17 @@ SD_SCHEDULER_CONFIG = {
 }
 
 SAMPLERS = ("ddim", "dpm-solver")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_scheduler_config(scheduler_config: dict, source: str = "the model") -> str:
+    """The model's prediction type, or a ``ValueError`` naming what is unsupported and why."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"{source} predicts {kind!r} (scheduler config prediction_type); the trainer supports "
+                         f"{' and '.join(PREDICTION_TYPES)} (SD 1.x / SD 2.x): the Gaussian transition and its "
+                         f"scores are written in terms of the noise prediction. Use an epsilon or v-prediction model")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,8 @@ class StepSchedule:
         alpha_cur, alpha_next: (T,) float64, ``alphas_cumprod`` at ``timesteps`` / ``next_timesteps``.
         init_noise_sigma: scale of the initial noise.
         scheduler_config: the diffusers scheduler config (for pipelines built from it).
+        prediction_type: what the model predicts (``epsilon`` or ``v_prediction``).
+        alphas_cumprod: (num_train_timesteps,) float64, ``ᾱ`` of every training timestep.
     """
 
     name: str
@@ -67,6 +87,15 @@ class StepSchedule:
     alpha_next: Tensor
     init_noise_sigma: float
     scheduler_config: dict
+    prediction_type: str = "epsilon"
+    alphas_cumprod: Optional[Tensor] = None
+
+    def to_epsilon(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The noise prediction of a model output ``out`` at ``x`` (N, C, H, W), timesteps ``t`` (N,)."""
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(x.device)[t.to(x.device).long()].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return a.sqrt() * out + (1 - a).sqrt() * x
 
     @property
     def num_steps(self) -> int:
@@ -102,7 +131,8 @@ def ddim_schedule(scheduler_config: dict, num_steps: int, eta: float = 1.0) -> S
     c_eps = (1 - a_prev - var).sqrt() - a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
     next_t = prev.clamp(min=0)
     return StepSchedule("ddim", t, next_t, c_x, c_eps, var.sqrt(), a_t, ac[next_t],
-                        float(sched.init_noise_sigma), dict(sched.config))
+                        float(sched.init_noise_sigma), dict(sched.config),
+                        check_scheduler_config(scheduler_config), ac)
 
 
 def sde_dpmpp1_schedule(scheduler_config: dict, num_steps: int) -> StepSchedule:
@@ -128,18 +158,40 @@ def sde_dpmpp1_schedule(scheduler_config: dict, num_steps: int) -> StepSchedule:
     std = vp_t * (1 - torch.exp(-2 * h)).sqrt()
     next_t = torch.cat([t[1:], t.new_zeros(1)])
     return StepSchedule("dpm-solver", t, next_t, c_x, c_eps, std, ac[t], ac[next_t],
-                        float(sched.init_noise_sigma), dict(sched.config))
+                        float(sched.init_noise_sigma), dict(sched.config),
+                        check_scheduler_config(scheduler_config), ac)
 
 
 def make_schedule(name: str, num_steps: int, eta: float = 1.0,
                   scheduler_config: Optional[dict] = None) -> StepSchedule:
-    """The one place a sampler name becomes a :class:`StepSchedule`."""
-    scheduler_config = dict(scheduler_config or SD_SCHEDULER_CONFIG)
+    """The one place a sampler name becomes a :class:`StepSchedule`.
+
+    ``scheduler_config``: the loaded model's (``SDParts.scheduler_config``); None = SD 1.x's.
+    """
+    scheduler_config = {k: v for k, v in (scheduler_config or SD_SCHEDULER_CONFIG).items()
+                        if not k.startswith("_")}
+    check_scheduler_config(scheduler_config)
     if name == "ddim":
-        return ddim_schedule(scheduler_config, num_steps, eta)
-    if name == "dpm-solver":
-        return sde_dpmpp1_schedule(scheduler_config, num_steps)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+        sched = ddim_schedule(scheduler_config, num_steps, eta)
+    elif name == "dpm-solver":
+        sched = sde_dpmpp1_schedule(scheduler_config, num_steps)
+    else:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    if not bool((sched.alpha_cur > 0).all()):  # zero terminal SNR: x̂0 from ε would divide by zero
+        raise ValueError(f"the schedule reaches ᾱ = 0 at timestep {int(sched.timesteps[0])} (zero terminal SNR "
+                         f"with trailing spacing); use a leading spacing or steps_offset that skips it")
+    return sched
+
+
+def as_epsilon(model_fn: Callable[..., Tensor], sched: StepSchedule) -> Callable[..., Tensor]:
+    """``ε(x, t, cond)`` from a (guided) model function that predicts ``sched.prediction_type``."""
+    if sched.prediction_type == "epsilon":
+        return model_fn
+
+    def eps_fn(x: Tensor, t: Tensor, cond, *args, **kwargs) -> Tensor:
+        return sched.to_epsilon(model_fn(x, t, cond, *args, **kwargs), x, t)
+
+    return eps_fn
 
 
 # ---------------------------------------------------------------- the math of one transition
@@ -156,20 +208,30 @@ def forward_score(sched: StepSchedule, step_index: Tensor, x_next: Tensor, mean:
 
 
 def reverse_score(sched: StepSchedule, step_index: Tensor, x: Tensor, eps: Tensor,
-                  x_next: Tensor, retain_graph: bool = False) -> Tensor:
+                  x_next: Tensor, retain_graph: bool = False, grad_scale: float = 1.0) -> Tensor:
     """``∇_{x_t} log P_F(x_{t-1} | x_t)`` by one vector-Jacobian product through ``eps(x_t)``.
 
     With ``u = (x_{t-1} - mean) / std²`` the gradient is ``c_x u + J_eps(x_t)^T (c_eps u)``.
     ``x`` must require grad and ``eps`` must have been computed from it. The result is detached
     (first order: no graph to the noise model's parameters).
 
+    ``grad_scale`` (the fp16 loss scale; 1 = plain): the vector sent back through the noise model,
+    ``c_eps u`` (its entries grow like 1/std), is first normalised per row to a largest entry of 1,
+    then multiplied by ``grad_scale``, and the product is divided by the same factor in ``x``'s dtype
+    (fp32): whether the fp16 backward overflows then depends on the scale and the noise model, not
+    on the step's std (an overflow is recorded by the caller and lowers the scale).
+
     Shapes: x, eps, x_next (N, C, H, W); step_index (N,). Returns (N, C, H, W).
     """
     mean = step_mean(sched, step_index, x.detach(), eps.detach())
     u = (x_next - mean) / sched.gather("std", step_index, x) ** 2
-    (vjp,) = torch.autograd.grad(eps, x, grad_outputs=sched.gather("c_eps", step_index, x) * u,
-                                 retain_graph=retain_graph)
-    return (sched.gather("c_x", step_index, x) * u + vjp).detach()
+    v = sched.gather("c_eps", step_index, x) * u
+    mult = 1.0
+    if grad_scale != 1.0:
+        peak = v.detach().abs().flatten(1).amax(1).clamp(min=torch.finfo(v.dtype).tiny)
+        mult = grad_scale / peak.view(-1, *([1] * (v.dim() - 1)))
+    (vjp,) = torch.autograd.grad(eps, x, grad_outputs=v * mult, retain_graph=retain_graph)
+    return (sched.gather("c_x", step_index, x) * u + vjp / mult).detach()
 
 
 def pred_x0(x: Tensor, eps: Tensor, alpha: Tensor) -> Tensor:

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -36,8 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-RANK_FILE = "rank-{:05d}.pt"
-SHARD_DIR = "shards"
+SHARD_DIR = "shards"  # inside a checkpoint: what each rank writes itself (lowmem_nablagfn.checkpoint)
 
 
 # ----------------------------------------------------------------------------- process group
@@ -169,6 +167,16 @@ def mean_over_ranks(metrics: Dict[str, float]) -> Dict[str, float]:
     return {k: float(v) / world_size() for k, v in zip(keys, values)}
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so that all ranks take the same branch)."""
+    if not is_distributed():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 # ----------------------------------------------------------------------------- gradient synchronisers
 
 class GradientSync:
@@ -182,12 +190,31 @@ class GradientSync:
 
     optimizer: Optional[torch.optim.Optimizer] = None
     sharded = False
+    scaler = None  # memory.LossScaler under fp16 (DataParallel only): unscaled before clipping
 
     def step(self) -> Dict[str, float]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {}
+
+    def trainable_groups(self) -> Dict[str, List[nn.Parameter]]:
+        raise NotImplementedError
+
+    def nonfinite_gradients(self) -> List[str]:
+        """Groups whose accumulated local gradient holds inf or NaN (checked before any reduction)."""
+        bad = []
+        for name, params in self.trainable_groups().items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                bad.append(f"gradient of {name}")
+        if self.scaler is not None and self.scaler.found_inf:
+            bad.append("fp16 input gradient (reward or reverse score)")
+        return bad
+
+    def skip(self) -> None:
+        """Drop the accumulated gradients without an optimiser step (every rank calls it together)."""
+        raise NotImplementedError
 
     def save_shards(self, directory: Path) -> None:
         pass
@@ -205,29 +232,43 @@ class DataParallel(GradientSync):
     Works for one process too (averaging is then a no-op), for any optimiser (8-bit included).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, scaler=None):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.scaler = scaler
 
     def step(self) -> Dict[str, float]:
         stats = {}
         for group in self.optimizer.param_groups:
             average_gradients(group["params"])
+            if self.scaler is not None:
+                self.scaler.unscale_grads_(group["params"])  # fp32, before clipping
             if self.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], self.max_grad_norm)
                 stats[f"grad_norm/{group.get('name', 'params')}"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            stats.update(self.scaler.stepped())
         return stats
 
+    def trainable_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {g.get("name", f"group{i}"): list(g["params"]) for i, g in enumerate(self.optimizer.param_groups)}
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        extra = {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None and self.scaler.enabled else {}
+        return {"optimizer": self.optimizer.state_dict(), **extra}
 
     def load(self, state: dict, checkpoint: Path) -> None:
         if "optimizer" not in state:
             raise RuntimeError(f"checkpoint {checkpoint} keeps its optimiser state in DeepSpeed's partitions: "
                                f"resume it with distributed.backend=deepspeed")
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
 
 
 class _Parameters(nn.Module):
@@ -269,6 +310,32 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, max_grad_norm: fl
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def _without_pickle(engine):
+    """DeepSpeed reads its partitions with ``torch.load(weights_only=False)`` (code in a checkpoint
+    would run); inside this block its checkpoint engine reads them with ``weights_only=True``,
+    allowing only DeepSpeed's three plain record classes those files hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reads = []
+
+    def load(path, map_location=None):
+        reads.append(path)
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del engine.checkpoint_engine.load
+    if not reads:
+        raise RuntimeError("DeepSpeed no longer reads checkpoints through engine.checkpoint_engine.load; "
+                           "update lowmem_nablagfn.distributed._without_pickle")
 
 
 class ZeroDataParallel(GradientSync):
@@ -328,6 +395,18 @@ class ZeroDataParallel(GradientSync):
         self._open_windows()
         return stats
 
+    def trainable_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {name: list(engine.module.parameters()) for name, engine in self.engines.items()}
+
+    def skip(self) -> None:
+        # zeros reduce to zeros: the partitions' accumulated gradient stays zero and no step is taken
+        for name, engine in self.engines.items():
+            for p in engine.module.parameters():
+                p.grad = torch.zeros_like(p)
+            self._windows.pop(name).__exit__(None, None, None)
+            engine.zero_grad()
+        self._open_windows()
+
     def save_shards(self, directory: Path) -> None:
         """Every rank writes its optimiser partitions (DeepSpeed's format, one tag per group)."""
         for name, engine in self.engines.items():
@@ -340,8 +419,9 @@ class ZeroDataParallel(GradientSync):
                 raise FileNotFoundError(f"checkpoint {checkpoint} holds no DeepSpeed state for {name!r}: "
                                         f"it was written with distributed.backend=ddp; resume with ddp")
             self._windows.pop(name).__exit__(None, None, None)  # nothing accumulated: a no-op flush
-            path, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+            with _without_pickle(engine):
+                path, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {root / name}")
         self._open_windows()
@@ -356,62 +436,12 @@ class ZeroDataParallel(GradientSync):
 
 
 def make_gradient_sync(dcfg, optimizer: torch.optim.Optimizer, max_grad_norm: float,
-                       micro_batch: int) -> GradientSync:
-    """The synchroniser that ``distributed.backend`` names (``DistributedConfig``)."""
+                       micro_batch: int, scaler=None) -> GradientSync:
+    """The synchroniser that ``distributed.backend`` names (``DistributedConfig``); ``scaler``: the
+    fp16 ``memory.LossScaler`` (ddp only: config validation refuses fp16 with DeepSpeed)."""
     if dcfg.backend == "deepspeed":
+        if scaler is not None and scaler.enabled:
+            raise ValueError("fp16 loss scaling needs distributed.backend=ddp")
         return ZeroDataParallel(optimizer, dcfg.zero_stage, dcfg.offload_optimizer, max_grad_norm,
                                 micro_batch)
-    return DataParallel(optimizer, max_grad_norm)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, flow_model: Optional[nn.Module],
-                    state: dict, sync: GradientSync, keep: int = 2) -> None:
-    """Collective checkpoint: every rank calls it at the same epoch (decided from the epoch number).
-
-    1. rank 0 makes a temporary shard directory beside the checkpoints; every rank learns its name;
-    2. every rank writes its own part there: its sample buffer and RNG state (when several ranks)
-       and its ZeRO partitions (DeepSpeed's save is itself collective);
-    3. after a barrier rank 0 writes the LoRA, flow model and ``state`` and moves the shards into
-       the checkpoint before the atomic rename (:func:`~lowmem_nablagfn.checkpoint.save_checkpoint`).
-    The shard directory must be on a file system every node sees (as the run directory must be).
-    """
-    from . import checkpoint as ckpt
-
-    if world_size() == 1 and not sync.sharded:
-        ckpt.save_checkpoint(run_dir, epoch, unet, flow_model, state, keep=keep)
-        return
-    root = run_dir / "checkpoints"
-    shards = None
-    if is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        shards = tempfile.mkdtemp(dir=root, prefix=f".tmp-shards-{epoch:06d}-")
-    shards = Path(broadcast_object(shards))
-    if world_size() > 1:
-        torch.save({"buffer": state.get("buffer"), "rng": ckpt.rng_state(), "world_size": world_size()},
-                   shards / RANK_FILE.format(rank()))
-    sync.save_shards(shards)
-    barrier()
-    if is_main():
-        ckpt.save_checkpoint(run_dir, epoch, unet, flow_model, state, keep=keep,
-                             extra_writer=lambda tmp: os.rename(shards, tmp / SHARD_DIR))
-    barrier()
-
-
-def load_training_state(checkpoint: Path) -> dict:
-    """Rank 0's training state, with this rank's sample buffer and RNG state where saved per rank."""
-    from . import checkpoint as ckpt
-
-    state = ckpt.load_training_state(checkpoint)
-    files = sorted((checkpoint / SHARD_DIR).glob(RANK_FILE.replace("{:05d}", "*")))
-    saved_world = len(files) or 1
-    if saved_world != world_size():
-        raise RuntimeError(f"checkpoint {checkpoint} was written by {saved_world} process(es) and this run has "
-                           f"{world_size()}: resume with {saved_world} (each rank's sample buffer and ZeRO "
-                           f"partitions are its own)")
-    if files:
-        own = torch.load(checkpoint / SHARD_DIR / RANK_FILE.format(rank()), map_location="cpu",
-                         weights_only=False)
-        state.update(buffer=own["buffer"], rng=own["rng"])
-    return state
+    return DataParallel(optimizer, max_grad_norm, scaler)

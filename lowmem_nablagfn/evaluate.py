@@ -105,29 +105,29 @@ def load_models(cfg, lora_file: Optional[Path]) -> EvalModels:
 
     The LoRA may be in diffusers or kohya format (diffusers' loader infers rank and alpha).
     """
-    from diffusers import StableDiffusionPipeline
-
     from .diffusion import make_schedule
-    from .models import load_sd
-    from .sampling import encode_prompts
+    from .models import freeze, load_sd, pipeline_class
     from .trainer import DTYPES, pick_device
 
     device = pick_device(cfg)
-    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.requires_grad_(False).eval().to(device, dtype=DTYPES[cfg.training.mixed_precision])
+    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed, cfg.pretrained.vae)
+    frozen = DTYPES[cfg.training.mixed_precision]
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        freeze(module, device, parts.frozen_dtype(module, frozen))  # without diffusers' empty fp32 warning
     if lora_file is not None:
         from .export import load_lora_file
 
         state, _ = load_lora_file(lora_file)
-        state, alphas = StableDiffusionPipeline.lora_state_dict(state)
+        # SDXL: kohya files name the original (SGM) blocks; diffusers maps them with the UNet's config
+        kw = {"unet_config": parts.unet.config} if parts.is_sdxl else {}
+        state, alphas = pipeline_class(parts).lora_state_dict(state, **kw)
         parts.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="default")
         for name, p in parts.unet.named_parameters():
             if "lora_" in name:  # as in training: adapter in fp32 over a low-precision base
                 p.data = p.data.to(device, torch.float32)
-    sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta)
+    sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta, parts.scheduler_config)
     side = cfg.sampling.resolution // parts.vae_scale_factor
-    uncond = encode_prompts(parts.text_encoder, parts.tokenizer, [""], device)
+    uncond = parts.uncond(device, cfg.sampling.resolution)
     return EvalModels(parts, sched, uncond, (parts.unet.config.in_channels, side, side), device,
                       lora_file is not None)
 
@@ -139,14 +139,15 @@ def batch_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def sample_batches(m: EvalModels, guidance_scale: float, items: List[tuple], batch_size: int, seed: int):
     """Yield (images (b, 3, H, W) in [0, 1] on the device, prompts, prompt indices) per batch."""
-    from .sampling import cfg_eps_fn, encode_prompts, sample
+    from .diffusion import as_epsilon
+    from .sampling import cfg_eps_fn, sample
 
-    eps_fn = cfg_eps_fn(m.parts.unet, m.uncond, guidance_scale)
+    eps_fn = as_epsilon(cfg_eps_fn(m.parts.unet, m.uncond, guidance_scale), m.sched)
     vae = m.parts.vae
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
         prompts = [p for _, p in chunk]
-        cond = encode_prompts(m.parts.text_encoder, m.parts.tokenizer, prompts, m.device)
+        cond = m.parts.encode(prompts, m.device, m.latent_shape[-1] * m.parts.vae_scale_factor)
         gen = torch.Generator().manual_seed(batch_seed(seed, b // batch_size))
         traj = sample(eps_fn, m.sched, cond, m.latent_shape, gen, keep=torch.zeros(len(chunk), 0, dtype=torch.long),
                       prompts=prompts, device=m.device)
@@ -215,7 +216,8 @@ def clip_scorer(path: str, device) -> Callable[[Tensor, List[str]], Tensor]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--clip {path}: not a folder; give a local transformers CLIP folder, e.g. "
-                                f"`hf download openai/clip-vit-large-patch14 --local-dir ckpt/clip-l14`")
+                                f"`hf download openai/clip-vit-large-patch14 config.json model.safetensors "
+                                f"--local-dir ckpt/clip-l14`")
     model = CLIPModel.from_pretrained(str(folder)).to(device).eval().requires_grad_(False)
     tokenizer = None
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
@@ -303,8 +305,8 @@ def evaluate(target: str | Target, cfg, settings: Optional[EvalSettings] = None,
     m = load_models(cfg, target.lora_file)
     reward_model = build_reward(cfg.reward, m.device)
     embed, div_method, div_note = diversity_embedder(reward_model, s.dreamsim_cache, m.device)
-    clip_score, clip_note = None, "needs a CLIP model: pass --clip DIR, a local transformers CLIP folder " \
-                                  "(e.g. `hf download openai/clip-vit-large-patch14 --local-dir DIR`)"
+    clip_score, clip_note = None, "needs a CLIP model: pass --clip DIR, a local transformers CLIP folder (e.g. " \
+                                  "`hf download openai/clip-vit-large-patch14 config.json model.safetensors --local-dir DIR`)"
     if s.clip:
         clip_score, clip_note = clip_scorer(s.clip, m.device), f"CLIP from {s.clip}"
     # the LoRA's policy, and the base model with the same seeds; a base target is only "base"
@@ -481,10 +483,13 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"lowmem-nablagfn eval: {exc}", file=sys.stderr)
         return 2
     out = write_result(result, Path(args.out) if args.out else default_output(target))
-    print(format_table(result))
-    print(f"results: {out}")
     if target.run_dir is not None:  # the run's report lists its evaluations
         from .report import refresh_report
 
         refresh_report(target.run_dir)
+    from .summary import eval_summary
+    from .trainer import peak_memory_gb, pick_device
+
+    print(format_table(result))
+    print(eval_summary(result, out, peak_memory_gb(pick_device(cfg))))
     return 0

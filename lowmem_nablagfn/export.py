@@ -12,11 +12,23 @@ The update is ``W += (α / r) · up @ down``.  The renaming is diffusers' own
 the ``alpha`` values (this project's adapters use ``lora_alpha = rank``, so α / r = 1) and the
 kohya metadata.  ``StableDiffusionPipeline.load_lora_weights`` reads both formats (tested: same
 latents at a fixed seed).
+
+SDXL: kohya's sd-scripts name SDXL modules by the original (SGM) UNet's blocks, which is what
+A1111 and ComfyUI expect of an SDXL LoRA, so the attention blocks are renamed
+(``L`` = ``layers_per_block``, 2 for SDXL)::
+
+    lora_unet_down_blocks_{i}_attentions_{j}_…  ->  lora_unet_input_blocks_{1 + i(L+1) + j}_1_…
+    lora_unet_mid_block_attentions_0_…          ->  lora_unet_middle_block_1_…
+    lora_unet_up_blocks_{i}_attentions_{j}_…    ->  lora_unet_output_blocks_{i(L+1) + j}_1_…
+
+(e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``);
+``StableDiffusionXLPipeline.load_lora_weights`` maps them back (tested: same latents).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -132,6 +144,46 @@ def diffusers_to_kohya(state: Dict[str, Tensor], alpha: Optional[float] = None) 
     return out
 
 
+_SGM_BLOCKS = [
+    (re.compile(r"^lora_unet_down_blocks_(\d+)_attentions_(\d+)_"), lambda i, j, n: f"lora_unet_input_blocks_{1 + i * (n + 1) + j}_1_"),
+    (re.compile(r"^lora_unet_up_blocks_(\d+)_attentions_(\d+)_"), lambda i, j, n: f"lora_unet_output_blocks_{i * (n + 1) + j}_1_"),
+]
+
+
+def kohya_to_sgm_names(state: Dict[str, Tensor], layers_per_block: int = 2) -> Dict[str, Tensor]:
+    """kohya names of an SDXL UNet LoRA in diffusers block naming -> the original (SGM) block naming
+    that kohya's SDXL trainer writes and A1111 / ComfyUI read (attention layers; see the module doc)."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("lora_unet_mid_block_attentions_0_", "lora_unet_middle_block_1_")
+        for pattern, repl in _SGM_BLOCKS:
+            new = pattern.sub(lambda m: repl(int(m.group(1)), int(m.group(2)), layers_per_block), new)
+        if new.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")):
+            raise ValueError(f"{key}: only attention-layer LoRAs have SDXL kohya names here (resnet / "
+                             f"sampler layers do not); export with --format diffusers")
+        out[new] = value
+    return out
+
+
+def sdxl_layers_per_block(config_file: Optional[Path], state: Dict[str, Tensor]) -> Optional[int]:
+    """``layers_per_block`` of the UNet when the LoRA belongs to an SDXL model, else None.
+
+    The run's ``config.json`` names the model (its UNet config tells); without one, an SDXL-wide
+    cross-attention input (2048) marks SDXL base."""
+    if config_file is not None:
+        try:
+            model = json.loads(Path(config_file).read_text())["pretrained"]["model"]
+            from .models import unet_config_of
+
+            unet = unet_config_of(model)
+        except (KeyError, ValueError, OSError, TypeError):
+            unet = None
+        if unet is not None:
+            return int(unet["layers_per_block"]) if unet.get("addition_embed_type") == "text_time" else None
+    widths = {v.shape[1] for k, v in state.items() if "attn2.to_k" in k and "lora" in k and "down" in k}
+    return 2 if widths == {2048} else None
+
+
 def load_lora_file(path: Path) -> tuple:
     """(state dict, safetensors metadata) of a LoRA file."""
     from safetensors import safe_open
@@ -175,6 +227,9 @@ def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "
         kohya = state
     else:
         kohya = diffusers_to_kohya(state, alpha if alpha is not None else _adapter_alpha(metadata))
+        layers = sdxl_layers_per_block(target.config_file, state)
+        if layers is not None:
+            kohya = kohya_to_sgm_names(kohya, layers)
     ranks = sorted({v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")})
     alphas = sorted({float(v) for k, v in kohya.items() if k.endswith(".alpha")})
     kohya = {k: (v.float() if k.endswith(".alpha") else v.to(DTYPES[dtype])).contiguous()
@@ -183,6 +238,9 @@ def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "
             "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(alphas[0]) if len(alphas) == 1 else "Dynamic",
             "ss_training_comment": "lowmem-nablagfn (residual nabla-DB) LoRA"}
+    if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
+           for k in kohya):
+        meta["ss_base_model_version"] = "sdxl_base_v1-0"
     save_file(kohya, str(out), metadata=meta)
     return out
 
@@ -202,6 +260,12 @@ def add_parser(sub) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from .preflight import check_export
+
+    problems = check_export(args.out)
+    if problems:
+        print("\n".join(f"lowmem-nablagfn export: {p}" for p in problems), file=sys.stderr)
+        return 2
     try:
         out = export_lora(args.source, args.out, args.format, args.dtype, args.alpha)
     except (FileNotFoundError, ValueError) as exc:

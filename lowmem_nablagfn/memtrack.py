@@ -143,6 +143,8 @@ class _CudaSource:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.reserved_peak = torch.cuda.max_memory_reserved(device)
+        """Largest ``max_memory_reserved`` over every window (the phase boundaries reset it)."""
 
     @property
     def current(self) -> int:
@@ -154,6 +156,7 @@ class _CudaSource:
 
     def reset_peak(self) -> int:
         old = self.peak
+        self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         return old
 
@@ -247,6 +250,11 @@ class Recorder:
     def overall_peak(self) -> int:
         self._fold()
         return max([s.peak_bytes for s in self.phases.values()] + [self.source.current])
+
+    def overall_reserved(self) -> Optional[int]:
+        """CUDA: the largest ``max_memory_reserved`` since recording began; None elsewhere."""
+        self._fold()
+        return getattr(self.source, "reserved_peak", None)
 
 
 _ACTIVE: Optional[Recorder] = None

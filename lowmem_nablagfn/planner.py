@@ -26,12 +26,15 @@ How a prediction is made
    ``Pf_U``, ``F_U + Pf_V``, ``F_U + F_V + max(Pf_R, Pb_R)``, ``F_U + Pb_V``, ``Pb_U`` (``F``: bytes a
    forward leaves alive, ``Pf``/``Pb``: forward/backward peaks).  Each phase adds what stays resident:
    weights, optimiser state, gradients, stored trajectories, the batch's rows.
-
-What it does not see, hence the headroom: cuBLAS/cuDNN workspaces and allocator fragmentation (the
-tracker counts what ``torch.cuda.max_memory_allocated`` counts, less workspaces), and the CUDA context
-(outside the allocator).  A configuration fits a card when
-``peak × (1 + fragmentation) + context <= card memory`` (defaults 10 % and 0.5 GiB: conservative
-guesses until measured on a GPU; ``--headroom``).
+4. **GPU-only memory** (a configuration with ``device`` other than ``cpu``): what the CPU trace cannot
+   see is added as allowances — cuDNN convolution workspaces and the fused-attention backward's
+   scratch per phase (:data:`CUDNN_WORKSPACE_GIB`, :data:`ATTN_SCRATCH_BYTES`) — and the attention
+   passes are traced with the kernel the card and dtype get (:func:`sdpa_kernel`; the math kernel's
+   attention matrices are materialised in the trace, with a warning).  ``Prediction.peak`` is then the
+   predicted ``max_memory_allocated``; ``reserved_gib`` adds allocator fragmentation
+   (:data:`FRAGMENTATION` with ``expandable_segments:True``, which the launchers set), and a card fits
+   when ``reserved + CUDA context (per card class) + MIN_SLACK_GIB <= card memory``.  Every GPU constant
+   is an estimate until ``benchmarks/gpu_validate.py`` has measured it (its source is noted beside it).
 
 The proposal
 ------------
@@ -57,7 +60,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -78,9 +81,94 @@ CARDS: Dict[str, float] = {
     "A100-80": 79.2, "L40-48": 44.4, "V100-32": 31.7, "RTX4090-24": 23.6, "V100-16": 15.8,
     "12GB": 11.7, "8GB": 7.7,
 }
-#: Default headroom: allocator fragmentation (fraction of the peak) and CUDA context (GiB).
-FRAGMENTATION = 0.10
-CONTEXT_GIB = 0.5
+#: Compute capability of each card class of :data:`CARDS` (the SDPA kernel depends on it); the
+#: generic 12 / 8 GB cards are taken as consumer Ampere (RTX 3060 12 GB, RTX 3070 8 GB).
+CARD_CAPABILITY: Dict[str, Tuple[int, int]] = {
+    "A100-80": (8, 0), "L40-48": (8, 9), "V100-32": (7, 0), "RTX4090-24": (8, 9), "V100-16": (7, 0),
+    "12GB": (8, 6), "8GB": (8, 6),
+}
+#: Assumed when neither a card name nor a CUDA device says otherwise.
+DEFAULT_CAPABILITY = (8, 0)
+
+# GPU-only memory the CPU trace cannot see.  Every constant below is an ESTIMATE, to be calibrated on
+# a GPU with benchmarks/gpu_validate.py (which prints predicted vs measured max_memory_allocated /
+# max_memory_reserved per configuration); until then they are deliberately on the safe side.
+#: Allocator rounding and segment fragmentation: ``max_memory_reserved`` / ``max_memory_allocated``
+#: - 1.  With ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (set by every launcher in launch/)
+#: segments grow in place instead of leaving holes (PyTorch docs, "CUDA memory management"); without
+#: it the caching allocator's block splitting leaves more.  Estimates, to be calibrated.
+FRAGMENTATION = 0.05
+FRAGMENTATION_FIXED_SEGMENTS = 0.15
+#: CUDA context + cuBLAS/cuDNN handles and their loaded kernels, outside PyTorch's allocator (hence
+#: outside max_memory_reserved, inside the card's total), by compute-capability major.  The issue's
+#: "often 0.6-1 GiB with cuBLAS/cuDNN"; estimates, to be calibrated (nvidia-smi used - reserved).
+CONTEXT_GIB_BY_MAJOR = {7: 0.6, 8: 0.8, 9: 1.0}
+CONTEXT_GIB = 0.8
+#: cuDNN convolution workspace: PyTorch allocates it through the caching allocator, so it counts in
+#: max_memory_allocated but not in the CPU trace.  Per phase, for the UNet/VAE convolutions with a
+#: backward (``grad``) and without (``nograd``).  Estimates, to be calibrated (the VAE decoder's
+#: backward at 512 px is the suspect).
+CUDNN_WORKSPACE_GIB = {"grad": 0.5, "nograd": 0.25}
+#: Flash / memory-efficient attention backward scratch (fp32 ``dq`` accumulator and ``delta`` of the
+#: largest attention layer), bytes per row per latent pixel per channel: 2 (CFG) x 4 (fp32).
+#: Estimate from the kernels' documented buffers (PyTorch ``sdp_utils``, xformers cutlass backward).
+ATTN_SCRATCH_BYTES = 8
+#: A proposal fits a card only if at least this much is left after peak x (1 + fragmentation) + context.
+MIN_SLACK_GIB = 0.5
+
+
+def fragmentation_default() -> float:
+    """:data:`FRAGMENTATION` when this process's allocator uses expandable segments (the launchers'
+    setting) or when planning for another machine; :data:`FRAGMENTATION_FIXED_SEGMENTS` in a CUDA
+    process started without it."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments:True" in conf or not torch.cuda.is_available():
+        return FRAGMENTATION
+    return FRAGMENTATION_FIXED_SEGMENTS
+
+
+def card_context_gib(capability: Optional[Tuple[int, int]]) -> float:
+    return CONTEXT_GIB_BY_MAJOR.get(capability[0], CONTEXT_GIB) if capability else CONTEXT_GIB
+
+
+def sdpa_kernel(dtype: torch.dtype, capability: Tuple[int, int], head_dim: int) -> str:
+    """The kernel ``F.scaled_dot_product_attention`` picks on CUDA (PyTorch 2.x,
+    ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``): ``flash`` for fp16/bf16 on sm80 and
+    newer with a head dimension <= 256 (multiple of 8); else ``mem_efficient`` on sm50 and newer for
+    fp32/fp16, and bf16 only from sm80; else ``math`` (the attention matrix is materialised)."""
+    sm = capability[0] * 10 + capability[1]
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and sm >= 80 and head_dim <= 256 and head_dim % 8 == 0:
+        return "flash"
+    if sm >= 50 and (dtype != torch.bfloat16 or sm >= 80):
+        return "mem_efficient"
+    return "math"
+
+
+def attention_kernels(cfg: Config, models: "Models", capability: Tuple[int, int]) -> Dict[str, str]:
+    """Attention kernel of the UNet, VAE and flow model under ``memory.attention`` on this card.
+
+    ``math`` forces the math kernel everywhere; ``xformers`` counts as ``mem_efficient`` (its kernels
+    keep the same buffers; none exists for bf16 before sm80, where it is reported as ``math``)."""
+    frozen = DTYPES[cfg.training.mixed_precision]
+    unet_cfg, vae_cfg = models.unet.config, models.vae.config
+    # with ``num_attention_heads`` unset, diffusers reads ``attention_head_dim`` as the number of heads
+    heads = getattr(unet_cfg, "num_attention_heads", None) or unet_cfg.attention_head_dim
+    widths = list(unet_cfg.block_out_channels)
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    unet_head_dim = max(c // h for c, h in zip(widths, heads))
+    # the VAE's mid-block attention: one head over all channels
+    parts = {"unet": (frozen, unet_head_dim), "vae": (frozen, vae_cfg.block_out_channels[-1])}
+    if models.flow_model is not None and not cfg.model.no_flow:
+        parts["flow"] = (torch.float32, 8)
+    out = {}
+    for name, (dtype, head_dim) in parts.items():
+        if cfg.memory.attention == "math":
+            out[name] = "math"
+        else:
+            k = sdpa_kernel(dtype, capability, head_dim)
+            out[name] = "mem_efficient" if cfg.memory.attention == "xformers" and k == "flash" else k
+    return out
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 REWARD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,20 +197,40 @@ def _clean(config) -> dict:
 
 
 def sd_configs(model: str, revision: Optional[str] = None) -> Tuple[dict, dict, dict, str]:
-    """(unet, vae, text-encoder) configs of ``pretrained.model`` without loading weights.
+    """(unet, vae, text-encoder) configs of ``pretrained.model`` without loading weights (SDXL's
+    second text encoder: :func:`model_configs`)."""
+    c, source = model_configs(model, revision)
+    return c["unet"], c["vae"], c["text"], source
 
-    Built-in names use their configs; a local diffusers directory or a cached hub repo its JSON
-    files; an uncached hub id falls back to the SD 1.5 architecture (with a note) — every hub
-    preset of this project is SD 1.x.
+
+def model_configs(model: str, revision: Optional[str] = None) -> Tuple[dict, str]:
+    """Component configs of ``pretrained.model`` (``unet``, ``vae``, ``text`` and, for SDXL,
+    ``text_2``) without loading weights, and a description of where they came from.
+
+    Built-in names use their configs; a single-file checkpoint the architecture it is identified
+    as; a local diffusers directory or a cached hub repo its JSON files; an uncached hub id falls
+    back to SDXL base's architecture when its name says ``xl``, else to SD 1.5's (with a note).
     """
-    from .models import _sd15_configs, _tiny_configs
+    from .models import BUILTIN_CONFIGS, SINGLE_FILE_SUFFIXES
 
-    if model in ("tiny", "sd15-random"):
-        c = (_tiny_configs if model == "tiny" else _sd15_configs)()
-        return c["unet"], c["vae"], c["text"], model
-    files = {}
+    if model in BUILTIN_CONFIGS:
+        return BUILTIN_CONFIGS[model](), model
     local = Path(model).expanduser()
-    for part in ("unet", "vae", "text_encoder"):
+    if local.suffix.lower() in SINGLE_FILE_SUFFIXES and local.is_file():
+        from .single_file import identify
+
+        ident = identify(local)
+        return ident.configs, f"{model} ({ident.architecture} architecture)"
+    files = {}
+    sdxl = (local / "text_encoder_2" / "config.json").is_file()
+    if not local.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            sdxl = isinstance(try_to_load_from_cache(model, "text_encoder_2/config.json", revision=revision), str)
+        except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+            pass
+    for part in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
         path = local / part / "config.json"
         if not path.is_file():
             try:
@@ -133,10 +241,14 @@ def sd_configs(model: str, revision: Optional[str] = None) -> Tuple[dict, dict, 
             except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
                 path = None
         if path is None or not path.is_file():
-            c = _sd15_configs()
-            return c["unet"], c["vae"], c["text"], f"{model} (not found locally: SD 1.5 architecture assumed)"
+            name = "sdxl-random" if "xl" in model.lower() else "sd15-random"
+            what = "SDXL base" if name == "sdxl-random" else "SD 1.5"
+            return BUILTIN_CONFIGS[name](), f"{model} (not found locally: {what} architecture assumed)"
         files[part] = json.loads(path.read_text())
-    return files["unet"], files["vae"], files["text_encoder"], model
+    out = {"unet": files["unet"], "vae": files["vae"], "text": files["text_encoder"]}
+    if sdxl:
+        out["text_2"] = files["text_encoder_2"]
+    return out, model
 
 
 @dataclass
@@ -152,18 +264,27 @@ class Models:
     latent_shape: Tuple[int, int, int]
     text_shape: Tuple[int, int]
     source: str
+    text_encoder_2: Optional[nn.Module] = None  # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection)
+
+    @property
+    def text_encoders(self) -> List[nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
 
 def build_meta(cfg: Config) -> Models:
     """Build the models of ``cfg`` on the meta device, as :func:`~lowmem_nablagfn.trainer.setup` does."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import add_lora, build_flow_model, freeze
+    from .models import add_lora, build_flow_model, freeze, vae_dtype
     from .rewards import build_reward
     from .rewards.loading import random_size
 
-    unet_cfg, vae_cfg, text_cfg, source = sd_configs(cfg.pretrained.model, cfg.pretrained.revision)
+    configs, source = model_configs(cfg.pretrained.model, cfg.pretrained.revision)
+    vae_json = Path(cfg.pretrained.vae or "").expanduser() / "config.json"
+    if cfg.pretrained.vae and vae_json.is_file():  # pretrained.vae (e.g. an fp16-fix VAE: not upcast)
+        configs = dict(configs, vae=json.loads(vae_json.read_text()))
+    unet_cfg, vae_cfg, text_cfg, text_2_cfg = configs["unet"], configs["vae"], configs["text"], configs.get("text_2")
     frozen = DTYPES[cfg.training.mixed_precision]
     rcfg = copy.deepcopy(cfg.reward)
     if not rcfg.name.startswith("builtin:") and random_size(rcfg.checkpoint) is None:
@@ -173,8 +294,11 @@ def build_meta(cfg: Config) -> Models:
         vae = AutoencoderKL.from_config(vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_cfg.items()
                                                        if not k.startswith("_")}))
-        for module in (unet, vae, text_encoder):
-            freeze(module, None, frozen)
+        text_encoder_2 = None if text_2_cfg is None else CLIPTextModelWithProjection(
+            CLIPTextConfig(**{k: v for k, v in text_2_cfg.items() if not k.startswith("_")}))
+        texts = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+        for module in (unet, vae, *texts):  # SDXL's VAE is upcast under fp16, as trainer.setup does
+            freeze(module, None, vae_dtype(vae.config, text_encoder_2 is not None, frozen) if module is vae else frozen)
         lora = cfg.model.lora
         lora_params = add_lora(unet, lora.rank, lora.target_modules, lora.init, cfg.seed)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -182,11 +306,12 @@ def build_meta(cfg: Config) -> Models:
         latent_shape = (unet.config.in_channels, size, size)
         flow = None
         if not cfg.model.no_flow:
-            flow = build_flow_model(latent_shape[0], size, text_encoder.config.hidden_size,
+            flow = build_flow_model(latent_shape[0], size, sum(t.config.hidden_size for t in texts),
                                     list(cfg.model.flow_block_widths), cfg.seed).train()
         reward = build_reward(rcfg, "meta")
-    text_shape = (text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size)
-    return Models(unet, vae, text_encoder, flow, reward, lora_params, latent_shape, text_shape, source)
+    text_shape = (text_encoder.config.max_position_embeddings, sum(t.config.hidden_size for t in texts))
+    return Models(unet, vae, text_encoder, flow, reward, lora_params, latent_shape, text_shape, source,
+                  text_encoder_2=text_encoder_2)
 
 
 @contextlib.contextmanager
@@ -225,7 +350,8 @@ def static_sizes(cfg: Config, m: Models) -> dict:
         "unet": unet_frozen, "lora": sum(p.numel() * 4 for p in m.lora_params),
         # on an accelerator the trainer keeps the VAE encoder in host memory (it only decodes)
         "vae": _nbytes(m.vae) - (0 if cfg.device == "cpu" else sum(_nbytes(e) for e in vae_encoder_modules(m.vae))),
-        "text_encoder": _nbytes(m.text_encoder), "flow": _nbytes(m.flow_model), "reward": _nbytes(m.reward),
+        "text_encoder": sum(_nbytes(t) for t in m.text_encoders), "flow": _nbytes(m.flow_model),
+        "reward": _nbytes(m.reward),
         "trainable_numels": trainable, "latent_shape": list(m.latent_shape), "text_shape": list(m.text_shape),
         "text_itemsize": next(m.text_encoder.parameters()).element_size(),
         "reward_has_blocks": hasattr(m.reward, "set_checkpointing"),
@@ -234,7 +360,7 @@ def static_sizes(cfg: Config, m: Models) -> dict:
 
 def arch_key(cfg: Config, m: Models) -> dict:
     """Everything the traced activations depend on (not the memory knobs, not the batch sizes)."""
-    return {
+    key = {
         "version": PROBE_VERSION, "unet": _clean(m.unet.config), "vae": _clean(m.vae.config),
         "text": m.text_encoder.config.hidden_size,
         # bf16 and fp16 trace to the same bytes: the key holds the width, not the name
@@ -244,6 +370,10 @@ def arch_key(cfg: Config, m: Models) -> dict:
         "reward": [cfg.reward.name, type(m.reward).__name__, sum(p.numel() for p in m.reward.parameters()),
                    cfg.reward.weight_dtype],
     }
+    if m.text_encoder_2 is not None:  # SDXL only, so that SD 1.x keys (and the shipped hashes) stay as they were
+        key["text_2"] = m.text_encoder_2.config.hidden_size
+        key["vae_itemsize"] = next(m.vae.parameters()).element_size()  # upcast under fp16
+    return key
 
 
 def key_hash(key: dict) -> str:
@@ -333,21 +463,29 @@ class Tracer:
 
         self.cfg, self.m = cfg, models
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        for module in (models.unet, models.vae, models.text_encoder, models.flow_model, models.reward):
+        for module in (models.unet, models.vae, *models.text_encoders, models.flow_model, models.reward):
             _fakeify(module, self.mode)
         self.lora = [p for n, p in models.unet.named_parameters() if "lora_" in n]
         self.sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta)
         self.te_dtype = next(models.text_encoder.parameters()).dtype
         with self.mode:
-            self.uncond = torch.zeros(1, *models.text_shape, dtype=self.te_dtype)
+            self.uncond = self._cond(1)
         self.eps_fn = cfg_eps_fn(models.unet, self.uncond, cfg.sampling.guidance_scale)
 
     # -- helpers (called inside the fake mode)
     def _latents(self, r: int, grad: bool = False) -> Tensor:
         return torch.randn(r, *self.m.latent_shape, requires_grad=grad)
 
-    def _cond(self, r: int) -> Tensor:
-        return torch.randn(r, *self.m.text_shape, dtype=self.te_dtype)
+    def _cond(self, r: int):
+        """Prompt conditioning of ``r`` rows (SDXL: a ``Conditioning`` with pooled embeddings and time ids)."""
+        from .sampling import Conditioning, sdxl_time_ids
+
+        embeds = torch.randn(r, *self.m.text_shape, dtype=self.te_dtype)
+        te2 = self.m.text_encoder_2
+        if te2 is None:
+            return embeds
+        pooled = torch.randn(r, te2.config.projection_dim, dtype=self.te_dtype)
+        return Conditioning(embeds, pooled, sdxl_time_ids(r, self.cfg.sampling.resolution, dtype=self.te_dtype))
 
     def _decode(self, z: Tensor) -> Tensor:
         """What :func:`~lowmem_nablagfn.trainer.make_latent_reward` does before the reward model."""
@@ -390,14 +528,22 @@ class Tracer:
 
     # -- probes: each returns {quantity: bytes or flops}
     def probe(self, name: str, flags: dict, r: int) -> Dict[str, float]:
+        from .sampling import as_conditioning
+
         _set_checkpointing(self.m.unet, flags.get("unet", False))
         _set_checkpointing(self.m.vae, flags.get("vae", False))
         _set_checkpointing(self.m.reward, flags.get("reward", False))
         _set_checkpointing(self.m.flow_model, flags.get("flow", False))
+        # the math SDPA kernel materialises the attention matrices (traced); flash / memory-efficient
+        # kernels keep what the CPU's fused kernel keeps (output and log-sum-exp)
+        from .models import set_attention_backend
+
+        set_attention_backend((self.m.unet, self.m.vae), "math" if flags.get("math") else "sdpa")
+        set_attention_backend((self.m.flow_model,), "math" if flags.get("math_flow") else "sdpa")
         with self.mode, _quiet(), LiveBytes() as mem, FlopCount() as fc:
             # known up front, so that views of weights (a linear layer's ``t()``) count as nothing new
-            mem.register_modules(self.m.unet, self.m.vae, self.m.text_encoder, self.m.flow_model, self.m.reward)
-            mem.register([self.uncond])
+            mem.register_modules(self.m.unet, self.m.vae, *self.m.text_encoders, self.m.flow_model, self.m.reward)
+            mem.register(as_conditioning(self.uncond).tensors())
             return getattr(self, f"_probe_{name}")(mem, fc, r)
 
     def _probe_unet_chain(self, mem, fc, r):
@@ -446,7 +592,10 @@ class Tracer:
 
     def _probe_encode(self, mem, fc, r):
         ids = torch.zeros(r, self.m.text_shape[0], dtype=torch.long)
-        return self._nograd(mem, fc, lambda v: self.m.text_encoder(v)[0], ids)
+        if self.m.text_encoder_2 is None:
+            return self._nograd(mem, fc, lambda v: self.m.text_encoder(v)[0], ids)
+        return self._nograd(mem, fc, lambda v: torch.cat(  # SDXL: both encoders' penultimate states
+            [t(v, output_hidden_states=True).hidden_states[-2] for t in self.m.text_encoders], -1), ids)
 
     def _probe_reference(self, mem, fc, r, need_reverse=True):
         from .memory import reference_scores
@@ -614,20 +763,37 @@ class Prediction:
     offloaded: see ``text_encoder``), optimiser state, gradients, trajectories, the batch's rows."""
     tflop_per_update: float
     """Estimated work of one optimiser update incl. its share of sampling (TFLOP + per-call overhead)."""
+    capability: Tuple[int, int] = DEFAULT_CAPABILITY
+    """The card's compute capability the prediction assumes (attention kernel, CUDA context)."""
+    kernels: Dict[str, str] = field(default_factory=dict)
+    """Attention kernel per model (``flash`` / ``mem_efficient`` / ``math``) on that card."""
+    allowances: Dict[str, float] = field(default_factory=dict)
+    """GPU-only bytes included in each phase (cuDNN workspace + attention scratch; 0 on the CPU)."""
+    notes: List[str] = field(default_factory=list)
+    """Warnings (e.g. the math attention kernel would run)."""
 
     @property
     def peak(self) -> float:
+        """Predicted ``max_memory_allocated`` (bytes)."""
         return max(self.phases.values())
 
     @property
     def peak_phase(self) -> str:
         return max(self.phases, key=self.phases.get)
 
-    def required_gib(self, fragmentation: float = FRAGMENTATION, context_gib: float = CONTEXT_GIB) -> float:
-        return self.peak / GiB * (1 + fragmentation) + context_gib
+    def reserved_gib(self, fragmentation: Optional[float] = None) -> float:
+        """Predicted ``max_memory_reserved`` (GiB): the peak plus allocator fragmentation."""
+        frag = fragmentation_default() if fragmentation is None else fragmentation
+        return self.peak / GiB * (1 + frag)
 
-    def fits(self, vram_gib: float, fragmentation: float = FRAGMENTATION,
-             context_gib: float = CONTEXT_GIB) -> bool:
+    def required_gib(self, fragmentation: Optional[float] = None, context_gib: Optional[float] = None,
+                     slack_gib: float = MIN_SLACK_GIB) -> float:
+        """Card memory needed: reserved + CUDA context (outside the allocator) + the minimum slack."""
+        ctx = card_context_gib(self.capability) if context_gib is None else context_gib
+        return self.reserved_gib(fragmentation) + ctx + slack_gib
+
+    def fits(self, vram_gib: float, fragmentation: Optional[float] = None,
+             context_gib: Optional[float] = None) -> bool:
         return self.required_gib(fragmentation, context_gib) <= vram_gib
 
 
@@ -650,14 +816,33 @@ def optimizer_state_bytes(cfg: Config, numels: Sequence[int]) -> float:
 CALL_OVERHEAD = 0.3
 
 
-def predict(cfg: Config, profile: Profile) -> Prediction:
-    """Phase-by-phase peak bytes of ``cfg`` (same architecture as ``profile``)."""
+def default_capability(cfg: Config) -> Tuple[int, int]:
+    """This process's CUDA device when ``cfg`` runs on it, else :data:`DEFAULT_CAPABILITY`."""
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0)))
+    return DEFAULT_CAPABILITY
+
+
+def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]] = None) -> Prediction:
+    """Phase-by-phase peak bytes of ``cfg`` (same architecture as ``profile``) on a card of this
+    compute ``capability`` (default: :func:`default_capability`).
+
+    On the CPU (``device=cpu``) the phases are what the live-bytes tracker measures; on a GPU they
+    add the cuDNN workspace and attention scratch allowances, and the attention passes are traced
+    with the kernel the card and dtype get (the math kernel's attention matrices included)."""
     st, mem, s, t = profile.static, cfg.memory, cfg.sampling, cfg.training
     residual = not cfg.model.no_flow
+    capability = tuple(capability or default_capability(cfg))
+    gpu = cfg.device != "cpu"
+    kernels = attention_kernels(cfg, profile.models, capability) if gpu else {}
+    math_u = {"math": True} if kernels.get("unet") == "math" or kernels.get("vae") == "math" else {}
+    math_f = {"math_flow": True} if kernels.get("flow") == "math" else {}
     c, h, w = st["latent_shape"]
     latent = c * h * w
     text = st["text_shape"][0] * st["text_shape"][1] * st["text_itemsize"]
-    storage = torch.empty((), dtype=DTYPES[t.mixed_precision]).element_size()
+    from .sampling import TRANSITION_DTYPES
+
+    storage = torch.empty((), dtype=TRANSITION_DTYPES[mem.transition_dtype]).element_size()  # kept transitions
     kept = kept_per_trajectory(cfg)
     numels = list(st["trainable_numels"])
     if not residual:
@@ -684,8 +869,8 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
     loop = 5 * b * latent * 4
     phases = {}
     phases["encode"] = base + traj_sample + (st["text_encoder"] - text_encoder) + profile.get("encode", rows=b)["Pi"]
-    phases["sampling"] = base + traj_sample + loop + profile.get("unet_sample", rows=b)["Pi"]
-    vae_ng, rew_ng = profile.get("vae_nograd", rows=b), profile.get("reward_nograd", rows=b)
+    phases["sampling"] = base + traj_sample + loop + profile.get("unet_sample", math_u, rows=b)["Pi"]
+    vae_ng, rew_ng = profile.get("vae_nograd", math_u, rows=b), profile.get("reward_nograd", rows=b)
     phases["final_reward"] = base + traj_sample + max(vae_ng["Pi"], vae_ng["Out"] + rew_ng["Pi"])
 
     # one training batch: R rows (K+1 per trajectory), chunks of the input-gradient and training passes
@@ -695,18 +880,22 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
     ct = min(mem.train_chunk or rows, rows)
     batch = t.batch_size * per_traj + rows * (3 * latent * 4 + text) + 4 * rows * latent * 4
     train_base = base + grads + traj_train + batch
-    flags_u = {"unet": mem.checkpoint_unet}
-    if mem.mode == "naive":
-        n = profile.get("naive" if residual else "naive_nof", flags={
-            "unet": mem.checkpoint_unet, "vae": mem.checkpoint_vae,
-            "reward": mem.checkpoint_reward and st["reward_has_blocks"], "flow": residual and mem.checkpoint_flow},
-            rows=rows)
+    flags_u = {"unet": mem.checkpoint_unet, **math_u}
+    if mem.mode in ("naive", "official"):
+        # official: the naive passes on one transition slot (B rows) at a time, K+1 graphs in turn
+        graph_rows, graphs = (t.batch_size, kept) if mem.mode == "official" else (rows, 1)
+        ci = ct = graph_rows
+        naive_flags = {"unet": mem.checkpoint_unet, "vae": mem.checkpoint_vae,
+                       "reward": mem.checkpoint_reward and st["reward_has_blocks"],
+                       "flow": residual and mem.checkpoint_flow, **math_u, **(math_f if residual else {})}
+        probe = "naive" if residual else "naive_nof"
+        n = profile.get(probe, naive_flags, rows=graph_rows)
         for name in ("reference", "policy", "reward_grad_next", "reward_grad_cur", "train"):
             if name in n:
                 phases[name] = train_base + n[name]
-        train_flops = n["flops"]
+        train_flops = graphs * (n["flops"] + CALL_OVERHEAD * profile.get(probe, naive_flags, rows=1)["flops"])
     else:
-        flags_v = {"vae": mem.checkpoint_vae}
+        flags_v = {"vae": mem.checkpoint_vae, **math_u}
         flags_r = {"reward": mem.checkpoint_reward and st["reward_has_blocks"]}
 
         def chain(unet_rows: float, rows_: float) -> float:
@@ -721,9 +910,9 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
         phases["reward_grad_next"] = train_base + chain(min(ci, live), ci)
         if residual and live > 0:
             phases["reward_grad_cur"] = train_base + chain(min(ci, live), min(ci, live))
-        ref = profile.get("reference" if residual else "reference_nograd", flags_u if residual else {}, rows=ci)
+        ref = profile.get("reference" if residual else "reference_nograd", flags_u if residual else math_u, rows=ci)
         phases["reference"] = train_base + ref["P"]
-        tr_flags = dict(flags_u, flow=mem.checkpoint_flow) if residual else flags_u
+        tr_flags = dict(flags_u, flow=mem.checkpoint_flow, **math_f) if residual else flags_u
         tr = profile.get("train" if residual else "train_nof", tr_flags, rows=ct)
         phases["train"] = train_base + tr["P"]
 
@@ -738,13 +927,35 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
         grad_keys = ("flops_f", "flops_b")
         train_flops = (work("unet_chain", flags_u, live, ci, grad_keys)
                        + work("vae", flags_v, rows, ci, grad_keys) + work("reward", flags_r, rows, ci, grad_keys)
-                       + work("reference" if residual else "reference_nograd", flags_u if residual else {},
+                       + work("reference" if residual else "reference_nograd", flags_u if residual else math_u,
                               rows, ci, ("flops",))
                        + work("train" if residual else "train_nof", tr_flags, rows, ct, ("flops",)))
         if residual:
             train_flops += (work("unet_chain", flags_u, live, ci, grad_keys)
                             + work("vae", flags_v, live, ci, grad_keys) + work("reward", flags_r, live, ci, grad_keys))
     phases["optimizer"] = base + grads + traj_train + 2.0 * 4 * sum(numels)
+
+    # GPU-only memory (allowances; see the constants): cuDNN workspaces, attention backward scratch
+    allowances = {name: 0.0 for name in phases}
+    notes = []
+    if gpu:
+        scratch = ATTN_SCRATCH_BYTES * h * w * max(profile.models.unet.config.block_out_channels[0],
+                                                   profile.models.vae.config.block_out_channels[-1])
+        for name in phases:
+            if name in ("reward_grad_next", "reward_grad_cur", "reference", "policy"):
+                allowances[name] = CUDNN_WORKSPACE_GIB["grad"] * GiB + scratch * ci
+            elif name == "train":
+                allowances[name] = CUDNN_WORKSPACE_GIB["grad"] * GiB + scratch * ct
+            elif name in ("sampling", "final_reward"):
+                allowances[name] = CUDNN_WORKSPACE_GIB["nograd"] * GiB
+            phases[name] += allowances[name]
+        math_parts = [k for k, v in kernels.items() if v == "math"]
+        if math_parts:
+            why = ("memory.attention=math" if mem.attention == "math" else
+                   f"{t.mixed_precision} attention on a sm{capability[0]}{capability[1]} card has neither a flash "
+                   f"nor a memory-efficient kernel (bf16 needs sm80+; use training.mixed_precision=fp16)")
+            notes.append(f"attention of the {', '.join(math_parts)} runs on the math SDPA kernel ({why}): "
+                         f"the attention matrices are materialised (included in the prediction)")
 
     # work of one update: its training batches plus its share of the epoch's sampling
     updates_per_epoch = max(1, n_epoch // (t.batch_size * t.gradient_accumulation_steps))
@@ -753,7 +964,7 @@ def predict(cfg: Config, profile: Profile) -> Prediction:
     tflop = (t.gradient_accumulation_steps * train_flops + sample_flops / updates_per_epoch) / 1e12
     resident = {"weights": weights + st["text_encoder"], "text_encoder": st["text_encoder"],
                 "optimizer_state": opt, "gradients": grads, "trajectories": traj_train, "batch_rows": batch}
-    return Prediction(phases, resident, tflop)
+    return Prediction(phases, resident, tflop, capability, kernels, allowances, notes)
 
 
 # ----------------------------------------------------------------------------- proposals
@@ -835,9 +1046,17 @@ class Proposal:
     tier: int
 
 
-def _evaluated(cfg: Config, profile: Profile, tier: int) -> List[Tuple[tuple, Config, Prediction]]:
-    """Every distinct candidate of a tier with its prediction and rank (memoised on the profile)."""
-    key = (json.dumps(to_dict(cfg), sort_keys=True, default=str), tier)
+def _evaluated(cfg: Config, profile: Profile, tier: int,
+               capability: Optional[Tuple[int, int]] = None) -> List[Tuple[tuple, Config, Prediction]]:
+    """Every distinct candidate of a tier with its prediction and rank (memoised on the profile).
+
+    Cards whose attention runs on the math kernel in the same models share the bytes and the work
+    (only the CUDA context differs, which :func:`propose` adds), so they share the evaluation."""
+    math_parts = ()
+    if cfg.device != "cpu":
+        kernels = attention_kernels(cfg, profile.models, tuple(capability or default_capability(cfg)))
+        math_parts = tuple(sorted(k for k, v in kernels.items() if v == "math"))
+    key = (json.dumps(to_dict(cfg), sort_keys=True, default=str), tier, math_parts)
     memo = profile.__dict__.setdefault("_evaluated", {})
     if key not in memo:
         out, seen = [], set()
@@ -846,7 +1065,7 @@ def _evaluated(cfg: Config, profile: Profile, tier: int) -> List[Tuple[tuple, Co
             if ov in seen:
                 continue
             seen.add(ov)
-            pred = predict(cand, profile)
+            pred = predict(cand, profile, capability)
             # estimates within 1 % are ties: then the larger training and sampling batches win
             rank = (round(math.log(max(pred.tflop_per_update, 1e-9)) / math.log(1.01)),
                     -cand.training.batch_size, -cand.sampling.batch_size, len(ov), ov)
@@ -856,15 +1075,19 @@ def _evaluated(cfg: Config, profile: Profile, tier: int) -> List[Tuple[tuple, Co
     return memo[key]
 
 
-def propose(cfg: Config, profile: Profile, vram_gib: float, fragmentation: float = FRAGMENTATION,
-            context_gib: float = CONTEXT_GIB) -> Optional[Proposal]:
-    """The fastest configuration that fits ``vram_gib``, from the first tier with one; None if none fits."""
+def propose(cfg: Config, profile: Profile, vram_gib: float, fragmentation: Optional[float] = None,
+            context_gib: Optional[float] = None,
+            capability: Optional[Tuple[int, int]] = None) -> Optional[Proposal]:
+    """The fastest configuration that fits ``vram_gib`` with :data:`MIN_SLACK_GIB` to spare, from
+    the first tier with one; None if none fits."""
+    cap = tuple(capability or default_capability(cfg))
+    ctx = card_context_gib(cap) if context_gib is None else context_gib
     for tier in (1, 2, 3, 4):
         if tier == 4 and cfg.model.no_flow:
             break
-        for rank, cand, pred in _evaluated(cfg, profile, tier):
-            if pred.fits(vram_gib, fragmentation, context_gib):
-                return Proposal(cand, pred, overrides(cfg, cand), tier)
+        for rank, cand, pred in _evaluated(cfg, profile, tier, cap):
+            if pred.fits(vram_gib, fragmentation, ctx):
+                return Proposal(cand, predict(cand, profile, cap), overrides(cfg, cand), tier)
     return None
 
 
@@ -889,31 +1112,45 @@ def phase_table(pred: Prediction, measured: Optional[Dict[str, float]] = None) -
 
 
 def describe(cfg: Config, profile: Profile, vram_gib: Optional[float] = None,
-             fragmentation: float = FRAGMENTATION, context_gib: float = CONTEXT_GIB) -> Tuple[str, dict]:
+             fragmentation: Optional[float] = None, context_gib: Optional[float] = None,
+             capability: Optional[Tuple[int, int]] = None) -> Tuple[str, dict]:
     """Human-readable plan of ``cfg`` (and a proposal when ``vram_gib`` is given), plus a JSON summary."""
-    pred = predict(cfg, profile)
+    pred = predict(cfg, profile, capability)
+    frag = fragmentation_default() if fragmentation is None else fragmentation
+    ctx = card_context_gib(pred.capability) if context_gib is None else context_gib
+    kernels = ", ".join(f"{k} {v}" for k, v in pred.kernels.items())
     out = [f"model: {profile.source}, {cfg.sampling.resolution} px, {cfg.training.mixed_precision}, "
            f"reward {cfg.reward.name}; {'no-flow' if cfg.model.no_flow else 'residual'}, "
-           f"memory.mode={cfg.memory.mode}",
+           f"memory.mode={cfg.memory.mode}, memory.attention={cfg.memory.attention}"
+           + (f" (sm{pred.capability[0]}{pred.capability[1]}: {kernels})" if kernels else ""),
            "", phase_table(pred), "",
            "resident: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in pred.resident.items()),
-           f"predicted peak: {pred.peak / GiB:.2f} GiB in {pred.peak_phase}; with headroom "
-           f"({fragmentation:.0%} + {context_gib} GiB): {pred.required_gib(fragmentation, context_gib):.2f} GiB; "
-           f"estimated work {pred.tflop_per_update:.1f} TFLOP per update"]
+           f"predicted peak (max_memory_allocated): {pred.peak / GiB:.2f} GiB in {pred.peak_phase}"
+           + (f", of which {pred.allowances[pred.peak_phase] / GiB:.2f} GiB cuDNN workspace and attention "
+              f"scratch allowances" if pred.allowances.get(pred.peak_phase) else "")
+           + f"; reserved (+{frag:.0%} fragmentation): {pred.reserved_gib(frag):.2f} GiB; needs with the "
+           f"CUDA context ({ctx} GiB) and the minimum slack ({MIN_SLACK_GIB} GiB): "
+           f"{pred.required_gib(frag, ctx):.2f} GiB; estimated work {pred.tflop_per_update:.1f} TFLOP per update"]
+    out += [f"warning: {n}" for n in pred.notes]
     summary = {"phases_gib": {k: v / GiB for k, v in pred.phases.items()}, "peak_gib": pred.peak / GiB,
-               "peak_phase": pred.peak_phase, "required_gib": pred.required_gib(fragmentation, context_gib),
+               "peak_phase": pred.peak_phase, "reserved_gib": pred.reserved_gib(frag),
+               "required_gib": pred.required_gib(frag, ctx), "min_slack_gib": MIN_SLACK_GIB,
+               "attention_kernels": pred.kernels, "notes": pred.notes,
                "tflop_per_update": pred.tflop_per_update}
     if vram_gib is not None:
-        fits = pred.fits(vram_gib, fragmentation, context_gib)
-        prop = propose(cfg, profile, vram_gib, fragmentation, context_gib)
+        fits = pred.fits(vram_gib, frag, ctx)
+        prop = propose(cfg, profile, vram_gib, frag, ctx, capability)
         summary.update(vram_gib=vram_gib, fits=fits)
-        out.append(f"card: {vram_gib:.1f} GiB -> {'fits' if fits else 'does NOT fit'}")
+        out.append(f"card: {vram_gib:.1f} GiB -> {'fits' if fits else 'does NOT fit'} "
+                   f"(slack {vram_gib - pred.required_gib(frag, ctx) + MIN_SLACK_GIB:.2f} GiB; "
+                   f"fitting needs >= {MIN_SLACK_GIB} GiB)")
         if prop is None:
             out.append("no configuration of the searched knobs fits this card")
         elif prop.overrides and (not fits or prop.prediction.tflop_per_update < pred.tflop_per_update * 0.98):
             word = "proposed" if not fits else "faster and fits"
             out.append(f"{word} (tier {prop.tier}): {' '.join(prop.overrides)}")
             out.append(f"  predicted peak {prop.prediction.peak / GiB:.2f} GiB ({prop.prediction.peak_phase}), "
+                       f"slack {vram_gib - prop.prediction.required_gib(frag, ctx) + MIN_SLACK_GIB:.2f} GiB, "
                        f"work {prop.prediction.tflop_per_update:.1f} TFLOP per update")
         if prop is not None:
             summary.update(proposal=prop.overrides, proposal_peak_gib=prop.prediction.peak / GiB,
@@ -923,14 +1160,19 @@ def describe(cfg: Config, profile: Profile, vram_gib: Optional[float] = None,
 
 def check_fits(cfg: Config, vram_gib: float, verbose: bool = False) -> Optional[str]:
     """None when ``cfg`` is predicted to fit ``vram_gib``; else the refusal message with a proposal."""
+    import sys
+
     profile = Profile(cfg, verbose=verbose)
     pred = predict(cfg, profile)
+    for note in pred.notes:
+        print(f"warning: {note}", file=sys.stderr)
     if pred.fits(vram_gib):
         return None
     prop = propose(cfg, profile, vram_gib)
+    frag = fragmentation_default()
     msg = (f"this configuration is predicted not to fit this GPU: peak {pred.peak / GiB:.2f} GiB in "
-           f"{pred.peak_phase} (+{FRAGMENTATION:.0%} fragmentation + {CONTEXT_GIB} GiB context = "
-           f"{pred.required_gib():.2f} GiB) > {vram_gib:.1f} GiB.")
+           f"{pred.peak_phase} (+{frag:.0%} fragmentation + {card_context_gib(pred.capability)} GiB CUDA "
+           f"context + {MIN_SLACK_GIB} GiB minimum slack = {pred.required_gib():.2f} GiB) > {vram_gib:.1f} GiB.")
     if prop is not None:
         msg += (f"\nProposed: add the overrides\n    {' '.join(prop.overrides)}\n"
                 f"(predicted peak {prop.prediction.peak / GiB:.2f} GiB). ")
@@ -940,28 +1182,56 @@ def check_fits(cfg: Config, vram_gib: float, verbose: bool = False) -> Optional[
     return msg
 
 
+#: The official code's schedule and retention at the same batch sizes: the baseline of every "vs"
+#: figure (planner table, benchmarks/memory.py, update_time.py, plan_targets.py, gpu_validate.py).
+OFFICIAL_OVERRIDES = ["memory.mode=official", "memory.checkpoint_unet=false", "memory.checkpoint_vae=false",
+                      "memory.checkpoint_reward=false", "memory.checkpoint_flow=false", "memory.input_grad_chunk=0",
+                      "memory.train_chunk=0", "memory.store_only_trained=false",
+                      "memory.offload_trajectories=false", "memory.offload_text_encoder=false"]
+
+
+def official_baseline(cfg: Config) -> Config:
+    """``cfg`` with the official code's memory schedule (:data:`OFFICIAL_OVERRIDES`)."""
+    out = copy.deepcopy(cfg)
+    for item in OFFICIAL_OVERRIDES:
+        key, value = item.split("=")
+        _set(out, key, {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value))
+    return out
+
+
 def table(presets: Sequence[str], cards: Dict[str, float], verbose: bool = False,
-          fragmentation: float = FRAGMENTATION, context_gib: float = CONTEXT_GIB) -> str:
-    """Markdown: for each preset and card, the preset's predicted peak and the proposed settings
-    (with their estimated work per update relative to the preset's)."""
-    lines = ["| preset | card (GiB) | preset peak (GiB) | preset fits | proposed overrides | proposed peak (GiB) "
-             "| est. work vs preset |",
-             "| --- | --- | ---: | :---: | --- | ---: | ---: |"]
+          fragmentation: Optional[float] = None, context_gib: Optional[float] = None) -> str:
+    """Markdown: for each preset and card, the predicted peaks of the official schedule and of the
+    preset, and the proposed settings with their estimated work per update relative to the official
+    schedule's (the attention kernel and CUDA context of the card class, :data:`CARD_CAPABILITY`)."""
+    lines = ["| preset | card (GiB) | official peak (GiB) | preset peak (GiB) | preset fits | proposed overrides "
+             "| proposed peak (GiB) | slack (GiB) | est. work vs official |",
+             "| --- | --- | ---: | ---: | :---: | --- | ---: | ---: | ---: |"]
     for name in presets:
         cfg = load_config(name)
         profile = Profile(cfg, verbose=verbose)
-        pred = predict(cfg, profile)
         for card, gib in cards.items():
-            prop = propose(cfg, profile, gib, fragmentation, context_gib)
+            cap = CARD_CAPABILITY.get(card, DEFAULT_CAPABILITY)
+            kernels = attention_kernels(cfg, profile.models, cap)
+            if "math" in kernels.values() and cfg.memory.attention != "math":
+                # a misconfiguration to fix, not to plan around (the math kernel's matrices are GiBs)
+                lines.append(f"| {name} | {card} ({gib:g}) | – | – | – | {cfg.training.mixed_precision} attention "
+                             f"has no fused kernel on sm{cap[0]}{cap[1]} (math kernel): set "
+                             f"`training.mixed_precision=fp16` | – | – | – |")
+                continue
+            pred = predict(cfg, profile, cap)
+            official = predict(official_baseline(cfg), profile, cap)
+            prop = propose(cfg, profile, gib, fragmentation, context_gib, cap)
             fits = pred.fits(gib, fragmentation, context_gib)
             if prop is None:
-                settings, peak, work = "nothing fits", "–", "–"
+                settings, peak, slack, work = "nothing fits", "–", "–", "–"
             else:
                 settings = " ".join(f"`{o}`" for o in prop.overrides) or "as is"
                 peak = f"{prop.prediction.peak / GiB:.2f}"
-                work = f"{prop.prediction.tflop_per_update / pred.tflop_per_update:.2f}x"
-            lines.append(f"| {name} | {card} ({gib:g}) | {pred.peak / GiB:.2f} | {'yes' if fits else 'no'} | "
-                         f"{settings} | {peak} | {work} |")
+                slack = f"{gib - prop.prediction.required_gib(fragmentation, context_gib) + MIN_SLACK_GIB:.2f}"
+                work = f"{prop.prediction.tflop_per_update / official.tflop_per_update:.2f}x"
+            lines.append(f"| {name} | {card} ({gib:g}) | {official.peak / GiB:.2f} | {pred.peak / GiB:.2f} | "
+                         f"{'yes' if fits else 'no'} | {settings} | {peak} | {slack} | {work} |")
     return "\n".join(lines)
 
 
@@ -969,7 +1239,7 @@ def gpu_presets() -> List[str]:
     return [p for p in list_presets() if load_config(p).device != "cpu"]
 
 
-__all__ = ["CARDS", "Prediction", "Profile", "Proposal", "Tracer", "build_meta", "check_fits", "describe",
+__all__ = ["CARDS", "OFFICIAL_OVERRIDES", "official_baseline", "Prediction", "Profile", "Proposal", "Tracer", "build_meta", "check_fits", "describe",
            "overrides", "parse_vram", "predict", "propose", "table"]
 
 
@@ -996,12 +1266,16 @@ def preflight(cfg: Config) -> Optional[str]:
 
 def main(cfg: Config, args) -> int:
     """``lowmem-nablagfn plan`` (see :mod:`lowmem_nablagfn.cli`)."""
-    frag = FRAGMENTATION if args.headroom is None else args.headroom
+    frag = None if args.headroom is None else args.headroom
     if args.table:
         print(table(gpu_presets(), CARDS, verbose=args.verbose, fragmentation=frag))
         return 0
     vram = parse_vram(args.vram) if args.vram else cuda_vram_gib()
-    text, summary = describe(cfg, Profile(cfg, verbose=args.verbose), vram, frag)
+    cap = None
+    if args.vram:  # a card name gives its class; a bare size keeps this machine's (or the default)
+        cap = next((c for n, c in CARD_CAPABILITY.items()
+                    if args.vram.lower().replace("-", "") == n.lower().replace("-", "")), None)
+    text, summary = describe(cfg, Profile(cfg, verbose=args.verbose), vram, frag, capability=cap)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -24,6 +24,7 @@ import torch
 from . import memtrack, results
 from .config import Config, to_dict
 from .memtrack import GiB
+from .sampling import Conditioning, as_conditioning
 
 PHASES = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad_cur", "reference", "policy",
           "train", "optimizer")
@@ -32,7 +33,7 @@ PHASES = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad
 def _tensors(c, data) -> List[torch.Tensor]:
     """Everything the run holds before recording starts: models, optimiser state, samples."""
     out: List[torch.Tensor] = []
-    for module in (c.parts.unet, c.parts.vae, c.parts.text_encoder, c.flow_model, c.reward_model):
+    for module in (c.parts.unet, c.parts.vae, *c.parts.text_encoders, c.flow_model, c.reward_model):
         if module is not None:
             out += list(module.parameters()) + list(module.buffers())
             out += [p.grad for p in module.parameters() if p.grad is not None]
@@ -40,18 +41,23 @@ def _tensors(c, data) -> List[torch.Tensor]:
     if opt is not None:
         for state in opt.state.values():
             out += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    out.append(c.uncond)
+    out += as_conditioning(c.uncond).tensors()  # SDXL: a Conditioning (pooled embeddings, time ids)
     if data is not None:
-        out += [v for v in data.state_dict().values() if isinstance(v, torch.Tensor)]
+        for v in data.state_dict().values():
+            out += [v] if isinstance(v, torch.Tensor) else v.tensors() if isinstance(v, Conditioning) else []
     return out
 
 
-def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optional[Path] = None) -> dict:
-    """Warm up, then record ``updates`` rounds; returns the per-phase statistics and throughputs."""
+def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optional[Path] = None,
+                components=None) -> dict:
+    """Warm up, then record ``updates`` rounds; returns the per-phase statistics and throughputs.
+
+    ``components``: already built :class:`~lowmem_nablagfn.trainer.Components` of ``cfg`` (several
+    measurements sharing one model load: benchmarks/gpu_validate.py); default: ``trainer.setup(cfg)``."""
     from . import trainer as T
     from .sampling import Trajectories
 
-    c = T.setup(cfg)
+    c = T.setup(cfg) if components is None else components
     t = cfg.training
     per_update = t.batch_size * t.gradient_accumulation_steps
     lag = not t.on_policy
@@ -97,6 +103,7 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
             if prof is not None:
                 prof.__exit__(None, None, None)
         overall = rec.overall_peak()
+        reserved = rec.overall_reserved()
     trace_file = None
     if prof is not None:
         trace_file = str(trace_dir / "trace.json")
@@ -110,6 +117,7 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
     summary = {
         "device": str(c.device), "machine": results.machine(threads=True), "updates": updates, "warmup_s": warm_s,
         "peak_gib": overall / GiB, "start_gib": start_bytes / GiB,
+        "reserved_peak_gib": None if reserved is None else reserved / GiB,
         "images_per_s": images / sample_s if sample_s else None,
         "transitions_per_s": transitions / update_s if update_s else None,
         "s_per_update": update_s / updates, "sample_s_per_round": ph["round_sample"].seconds / updates,

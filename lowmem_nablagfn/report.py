@@ -26,11 +26,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPORT = "report.html"
 PLOT_DIR = "report"
-MAX_GRIDS = 12
+MAX_GRIDS = 24
 
 #: (file stem, title, which metric keys it plots).
 PLOTS: List[tuple] = [
@@ -58,6 +58,16 @@ def read_metrics(path: Path) -> List[dict]:
         if isinstance(row, dict) and "epoch" in row:
             rows[int(row["epoch"])] = row
     return [rows[k] for k in sorted(rows)]
+
+
+def read_run(run_dir: Path) -> Tuple[List[dict], dict]:
+    """``(metrics rows, resolved config)`` of a run directory; an unreadable config is ``{}``."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return rows, cfg
 
 
 def series(rows: List[dict], select: Callable[[str], bool]) -> Dict[str, tuple]:
@@ -193,24 +203,29 @@ def _summary(rows: List[dict], cfg: dict) -> str:
     return _table([(html.escape(k), html.escape(v)) for k, v in items])
 
 
+def _grid_label(f: Path) -> str:
+    if f.stem == "final":
+        return "final"
+    k = int(f.stem.split("_")[1])  # epoch_K: after K epochs (0: the base model)
+    return "before training" if k == 0 else f"after {k} epoch{'s' * (k > 1)}"
+
+
+def _figure(run_dir: Path, f: Path, label: str, cls: str = "") -> str:
+    rel = html.escape(f.relative_to(run_dir).as_posix(), quote=True)
+    klass = f' class="{cls}"' if cls else ""
+    return (f'<figure{klass}><img src="{rel}" alt="samples, {html.escape(label, quote=True)}">'
+            f'<figcaption>{html.escape(label)}</figcaption></figure>')
+
+
 def _grids(run_dir: Path, cfg: dict) -> str:
-    """The fixed-seed sample grids across epochs (at most ``MAX_GRIDS``, evenly spaced, + final)."""
+    """Before / latest side by side (same seeds), then every epoch's grid — or, past ``MAX_GRIDS``,
+    an even subsample (first and last included) that says so."""
     files = sorted((run_dir / "samples").glob("epoch_[0-9]*[0-9].png"))
     files = [f for f in files if f.stat().st_size > 0]
-    if len(files) > MAX_GRIDS:
-        step = (len(files) - 1) / (MAX_GRIDS - 1)
-        files = [files[round(i * step)] for i in range(MAX_GRIDS)]
     final = run_dir / "samples" / "final.png"
-    if final.is_file() and final.stat().st_size > 0:
-        files.append(final)
-    if not files:
+    final = final if final.is_file() and final.stat().st_size > 0 else None
+    if not files and final is None:
         return "<p>No sample grid yet (<code>logging.sample_grid_seeds</code> = 0 disables them).</p>"
-    cells = []
-    for f in files:
-        k = -1 if f.stem == "final" else int(f.stem.split("_")[1])  # epoch_K: after K epochs (0: the base)
-        label = "final" if k < 0 else "before training" if k == 0 else f"after {k} epoch{'s' * (k > 1)}"
-        rel = html.escape(f.relative_to(run_dir).as_posix(), quote=True)
-        cells.append(f'<figure><img src="{rel}" alt="samples, {label}"><figcaption>{label}</figcaption></figure>')
     note = ""
     n = cfg.get("logging", {}).get("sample_grid_seeds", 0)
     try:
@@ -224,7 +239,24 @@ def _grids(run_dir: Path, cfg: dict) -> str:
                     + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(shown)) + "</p>")
     except (KeyError, OSError, ValueError):
         pass
-    return note + '<div class="grids">' + "\n".join(cells) + "</div>"
+    out = [note]
+    latest = final or (files[-1] if files else None)
+    if files and latest != files[0]:  # the same seeds before training and now
+        label = "latest: " + _grid_label(files[-1]) + (" (final)" if latest == final else "")
+        out.append('<h3>Before and after</h3><div class="grids">'
+                   + _figure(run_dir, files[0], _grid_label(files[0]), "big")
+                   + _figure(run_dir, latest, label, "big") + "</div>")
+    shown_files = files
+    if len(files) > MAX_GRIDS:
+        step = (len(files) - 1) / (MAX_GRIDS - 1)
+        shown_files = [files[round(i * step)] for i in range(MAX_GRIDS)]
+        out.append(f"<p>Every epoch's grid is in <code>samples/</code>; shown: {MAX_GRIDS} of {len(files)}, "
+                   f"evenly spaced (one every {step:.3g} epochs), the first and the last included.</p>")
+    if shown_files:
+        out.append("<h3>Every epoch</h3>" if len(shown_files) == len(files) else "<h3>Across epochs</h3>")
+        out.append('<div class="grids">' + "\n".join(_figure(run_dir, f, _grid_label(f)) for f in shown_files)
+                   + "</div>")
+    return "\n".join(out)
 
 
 def _evaluations(run_dir: Path) -> str:
@@ -260,7 +292,8 @@ def _evaluations(run_dir: Path) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 .plots img{max-width:48%;margin:.3em}.grids{display:flex;flex-wrap:wrap;gap:.6em}
-figure{margin:0}figure img{width:256px;image-rendering:pixelated}figcaption{font-size:.85em;text-align:center}
+figure{margin:0}figure img{width:160px;image-rendering:pixelated}figure.big img{width:384px}
+figcaption{font-size:.85em;text-align:center}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}"""
 
 
@@ -271,11 +304,7 @@ def write_report(run_dir: str | Path, force: bool = False, min_interval: float =
     from .checkpoint import atomic_write_text
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
+    rows, cfg = read_run(run_dir)
     plots = update_plots(run_dir, rows, force=force, min_interval=min_interval)
     e = html.escape
     name = cfg.get("logging", {}).get("run_name", run_dir.name)

@@ -8,14 +8,101 @@ generator), so a saved LoRA loaded into the pipeline reproduces a run's sample a
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .diffusion import StepSchedule, step_mean
 
-EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, per row: one container for every model family.
+
+    SD 1.x needs only ``prompt_embeds``; SDXL adds its pooled text embedding and six time ids
+    (diffusers' ``added_cond_kwargs``).  Rows are indexed, moved and concatenated like a tensor's
+    first dimension, so trajectories, flat batches and chunks carry it as they carry a tensor.
+
+    Attributes:
+        prompt_embeds: (B, L, D) text-encoder states (SDXL: the penultimate states of both
+            encoders concatenated, D = 768 + 1280).
+        pooled_embeds: (B, P) SDXL's pooled, projected output of the second encoder, or None.
+        time_ids: (B, 6) SDXL's ``original size + crop top-left + target size`` (pixels), or None.
+    """
+
+    prompt_embeds: Tensor
+    pooled_embeds: Optional[Tensor] = None
+    time_ids: Optional[Tensor] = None
+
+    def tensors(self) -> List[Tensor]:
+        return [t for t in (self.prompt_embeds, self.pooled_embeds, self.time_ids) if t is not None]
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(*(None if v is None else fn(v)
+                              for v in (self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+
+    # tensor-like surface (rows are the first dimension)
+    @property
+    def shape(self) -> torch.Size:
+        return self.prompt_embeds.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeds.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return self._map(lambda t: t[idx.to(t.device) if isinstance(idx, Tensor) else idx])
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        """``Tensor.to`` on every field (all are floating point)."""
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def pin_memory(self) -> "Conditioning":
+        return self._map(lambda t: t.pin_memory())
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> "Conditioning":
+        return self._map(lambda t: t.repeat_interleave(repeats, dim))
+
+    def expand_rows(self, n: int) -> "Conditioning":
+        """One row broadcast to ``n`` rows (the unconditional embedding of a batch)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        return Conditioning(*(None if getattr(items[0], f) is None else torch.cat([getattr(c, f) for c in items])
+                              for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
+
+    def unet_kwargs(self, dtype: torch.dtype) -> dict:
+        """Keyword arguments of ``UNet2DConditionModel.forward`` for these rows, cast to ``dtype``."""
+        kw = {"encoder_hidden_states": self.prompt_embeds.to(dtype)}
+        if self.pooled_embeds is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled_embeds.to(dtype),
+                                       "time_ids": self.time_ids.to(dtype)}
+        return kw
+
+
+Cond = Union[Tensor, Conditioning]
+EpsFn = Callable[[Tensor, Tensor, Cond], Tensor]
+#: ``memory.transition_dtype`` -> storage dtype of the kept transitions (trainer and planner)
+TRANSITION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def as_conditioning(cond: Cond) -> Conditioning:
+    """A bare (B, L, D) tensor of prompt embeddings (SD 1.x) is a :class:`Conditioning` without extras."""
+    return cond if isinstance(cond, Conditioning) else Conditioning(cond)
+
+
+def cat_rows(items: Sequence[Cond]) -> Cond:
+    """Concatenate tensors or :class:`Conditioning` along rows."""
+    return Conditioning.cat(items) if isinstance(items[0], Conditioning) else torch.cat(list(items))
 
 
 @dataclass
@@ -27,7 +114,8 @@ class Trajectories:
         next_latents: (B, S, C, H, W) ``x_{t-1}``.
         eps_sampled: (B, S, C, H, W) guided noise prediction at ``x_t`` during sampling (for reg).
         step_index: (B, S) long, index ``j`` of the transition in the schedule.
-        prompt_embeds: (B, L, D) text-encoder states of each trajectory's prompt.
+        prompt_embeds: (B, L, D) text-encoder states of each trajectory's prompt, or a
+            :class:`Conditioning` of B rows (SDXL: with pooled embeddings and time ids).
         final_latents: (B, C, H, W) ``x_0``.
         prompts: the B prompts.
         rewards: (B,) float32 reward of the final image, once computed.
@@ -37,7 +125,7 @@ class Trajectories:
     next_latents: Tensor
     eps_sampled: Tensor
     step_index: Tensor
-    prompt_embeds: Tensor
+    prompt_embeds: Cond
     final_latents: Tensor
     prompts: List[str]
     rewards: Optional[Tensor] = None
@@ -50,7 +138,7 @@ class Trajectories:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = fn(v) if isinstance(v, Tensor) else v
+            out[f.name] = fn(v) if isinstance(v, Tensor) else v._map(fn) if isinstance(v, Conditioning) else v
         return Trajectories(**out)
 
     def to(self, device, non_blocking: bool = False) -> "Trajectories":
@@ -74,7 +162,7 @@ class Trajectories:
             elif vals[0] is None:
                 out[f.name] = None
             else:
-                out[f.name] = torch.cat(vals)
+                out[f.name] = cat_rows(vals)
         return Trajectories(**out)
 
     def state_dict(self) -> dict:
@@ -89,18 +177,46 @@ def encode_prompts(text_encoder: nn.Module, tokenizer, prompts: Sequence[str], d
     return text_encoder(ids.to(device))[0]
 
 
-def cfg_eps_fn(unet: nn.Module, uncond_embeds: Tensor, guidance_scale: float) -> EpsFn:
+def sdxl_time_ids(n: int, size: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """SDXL's six micro-conditioning ids per row, (n, 6): original size, crop top-left, target size
+    (pixels) — ``(size, size, 0, 0, size, size)``, what ``StableDiffusionXLPipeline`` passes for an
+    uncropped ``size``-px image."""
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device).repeat(n, 1)
+
+
+@torch.no_grad()
+def encode_prompts_sdxl(text_encoders: Sequence[nn.Module], tokenizers: Sequence, prompts: Sequence[str],
+                        device, size: int) -> Conditioning:
+    """SDXL conditioning of B prompts, as ``StableDiffusionXLPipeline.encode_prompt`` computes it
+    (``clip_skip=None``): each encoder's penultimate hidden states (B, L, D_i), concatenated along
+    features; the pooled projection of the last encoder (B, P); time ids for ``size``-px images."""
+    states, pooled = [], None
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids.to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P)
+    embeds = torch.cat(states, dim=-1)
+    return Conditioning(embeds, pooled, sdxl_time_ids(len(prompts), size, device, embeds.dtype))
+
+
+def cfg_eps_fn(unet: nn.Module, uncond_embeds: Cond, guidance_scale: float) -> EpsFn:
     """``eps(x, t, cond) = ε_u + w (ε_c - ε_u)``, one UNet call on the doubled batch ``[uncond; cond]``.
 
-    The UNet runs in its own dtype; the guided output is returned in ``x``'s dtype.
+    ``uncond_embeds`` is one row; ``cond`` and it are prompt-embedding tensors or
+    :class:`Conditioning` (SDXL's pooled embeddings and time ids travel with the rows, for both
+    halves of the CFG batch).  The UNet runs in its own dtype; the guided output is returned in
+    ``x``'s dtype.
     """
     dtype = next(unet.parameters()).dtype
+    uncond_c = as_conditioning(uncond_embeds)
 
-    def eps_fn(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def eps_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         n = x.shape[0]
-        uncond = uncond_embeds.to(cond.dtype).expand(n, *uncond_embeds.shape[1:])
-        out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                   encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample.to(x.dtype)
+        c = as_conditioning(cond)
+        both = Conditioning.cat([uncond_c.to(c.device, c.dtype).expand_rows(n), c])
+        out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), **both.unet_kwargs(dtype)).sample.to(x.dtype)
         eps_u, eps_c = out.chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -108,7 +224,7 @@ def cfg_eps_fn(unet: nn.Module, uncond_embeds: Tensor, guidance_scale: float) ->
 
 
 @torch.no_grad()
-def sample(eps_fn: EpsFn, sched: StepSchedule, cond: Tensor, latent_shape: Sequence[int],
+def sample(eps_fn: EpsFn, sched: StepSchedule, cond: Cond, latent_shape: Sequence[int],
            generator: torch.Generator, keep: Optional[Tensor] = None, prompts: Sequence[str] = (),
            device=None, storage_dtype: torch.dtype = torch.float32,
            progress: Optional[Callable[[int], None]] = None) -> Trajectories:
@@ -117,7 +233,7 @@ def sample(eps_fn: EpsFn, sched: StepSchedule, cond: Tensor, latent_shape: Seque
     Args:
         eps_fn: guided noise prediction.
         sched: the sampler's per-step schedule.
-        cond: (B, L, D) prompt embeddings.
+        cond: (B, L, D) prompt embeddings or a :class:`Conditioning` of B rows.
         latent_shape: (C, H, W).
         generator: CPU generator; noise is drawn from it like the diffusers pipeline does.
         keep: (B, S) long step indices to store (select-before-sample); ``None`` keeps all T.

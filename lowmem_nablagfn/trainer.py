@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,12 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import memtrack
 from .config import Config, to_dict, validate
-from .diffusion import StepSchedule, make_schedule
-from .memory import ObjectiveSettings, Rows, UpdateContext, accumulate_gradients, apply_checkpointing
-from .models import SDParts, add_lora, build_flow_model, freeze, load_sd, vae_encoder_modules
+from .diffusion import StepSchedule, as_epsilon, make_schedule
+from .memory import LossScaler, ObjectiveSettings, Rows, UpdateContext, accumulate_gradients, apply_checkpointing
+from .models import SDParts, add_lora, check_attention_backend, build_flow_model, freeze, load_sd, vae_encoder_modules
 from .rewards import build_reward
 from .rewards.prompts import load_prompts
-from .sampling import Trajectories, cfg_eps_fn, encode_prompts, sample
+from .sampling import TRANSITION_DTYPES, Trajectories, cfg_eps_fn, sample
 from .subsample import draw_indices, gather, num_blocks, num_counters
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -50,6 +51,7 @@ class Components:
     logger: "MetricLogger"
     step_hooks: List[Callable] = field(default_factory=list)
     sync: Optional[dist.GradientSync] = None  # gradient averaging / ZeRO: the one update path
+    nonfinite_streak: int = 0  # updates skipped in a row for a non-finite loss or gradient
 
     @property
     def trainable(self) -> Dict[str, List[nn.Parameter]]:
@@ -116,12 +118,14 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
         torch.backends.cudnn.allow_tf32 = True
     run_dir = run_dir or Path(cfg.logging.output_dir) / cfg.logging.run_name
     prompts = load_prompts(cfg.prompts.set, cfg.prompts.split)
-    sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta)
 
-    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed)
+    check_attention_backend(cfg.memory.attention, device)  # before the (slow) model load
+    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed, cfg.pretrained.vae)
+    # the model's own betas, spacing and prediction type (an unsupported one is refused here)
+    sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta, parts.scheduler_config)
     frozen = DTYPES[cfg.training.mixed_precision]
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        freeze(module, device, frozen)
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        freeze(module, device, parts.frozen_dtype(module, frozen))  # SDXL VAE: no fp16 (overflows)
     for module in vae_encoder_modules(parts.vae):  # training only decodes: the encoder stays in host memory
         module.to("cpu")  # (planner.static_sizes counts it off the accelerator)
     lora = cfg.model.lora
@@ -130,16 +134,18 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     latent_shape = (parts.unet.config.in_channels, latent_size, latent_size)
     flow_model = None
     if not cfg.model.no_flow:
-        flow_model = build_flow_model(latent_shape[0], latent_size, parts.text_encoder.config.hidden_size,
+        flow_model = build_flow_model(latent_shape[0], latent_size, parts.prompt_embed_dim,
                                       list(cfg.model.flow_block_widths), cfg.seed).to(device).train()
     reward_model = build_reward(cfg.reward, device)
     apply_checkpointing(parts.unet, parts.vae, reward_model, flow_model, cfg.memory)
     optimizer = build_optimizer(cfg, lora_params, flow_model)
+    scaler = LossScaler(enabled=cfg.training.mixed_precision == "fp16")  # fp16: every backward scaled
     sync = dist.make_gradient_sync(cfg.distributed, optimizer, cfg.training.max_grad_norm,
-                                   cfg.training.batch_size)  # DeepSpeed: engines own the optimisers
-    uncond = encode_prompts(parts.text_encoder, parts.tokenizer, [""], device)
+                                   cfg.training.batch_size, scaler)  # DeepSpeed: engines own the optimisers
+    uncond = parts.uncond(device, cfg.sampling.resolution)
     if cfg.memory.offload_text_encoder:
-        parts.text_encoder.to("cpu")  # visits the device only inside encode()
+        for te in parts.text_encoders:
+            te.to("cpu")  # visits the device only inside encode()
     k = num_blocks(cfg.sampling.num_steps, cfg.model.timestep_fraction)
     logger = MetricLogger(run_dir, cfg) if dist.is_main() else MetricLogger(None, cfg)
     return Components(cfg, device, parts, lora_params, flow_model, reward_model, sched, sync.optimizer,
@@ -152,8 +158,8 @@ def sample_epoch(c: Components, epoch: int) -> Trajectories:
     """Sample ``num_batches_per_epoch × batch_size`` trajectories, keeping only trained transitions."""
     cfg, s = c.cfg, c.cfg.sampling
     gen = torch.Generator().manual_seed(epoch_seed(cfg, epoch, 0))
-    eps_fn = cfg_eps_fn(c.parts.unet, c.uncond, s.guidance_scale)
-    storage = DTYPES[cfg.training.mixed_precision]
+    eps_fn = policy_eps_fn(c)
+    storage = TRANSITION_DTYPES[cfg.memory.transition_dtype]
     out = []
     for b in range(s.num_batches_per_epoch):
         choice = torch.randint(len(c.prompts), (s.batch_size,), generator=gen).tolist()
@@ -185,17 +191,20 @@ def final_rewards(c: Components, latents: Tensor, prompts: List[str]) -> Tensor:
 
 @torch.no_grad()
 def encode(c: Components, prompts: List[str]) -> Tensor:
-    """Prompt embeddings (B, L, D) on the device; with ``memory.offload_text_encoder`` the text
-    encoder is moved to the device for this call only and back to the CPU after it."""
-    te = c.parts.text_encoder
+    """Prompt embeddings (B, L, D) on the device (SDXL: a ``Conditioning`` with pooled embeddings
+    and time ids); with ``memory.offload_text_encoder`` the text encoders are moved to the device
+    for this call only and back to the CPU after it."""
+    parts, res = c.parts, c.cfg.sampling.resolution
     with memtrack.phase("encode"):
         if not c.cfg.memory.offload_text_encoder:
-            return encode_prompts(te, c.parts.tokenizer, prompts, c.device)
-        te.to(c.device)
+            return parts.encode(prompts, c.device, res)
+        for te in parts.text_encoders:
+            te.to(c.device)
         try:
-            return encode_prompts(te, c.parts.tokenizer, prompts, c.device)
+            return parts.encode(prompts, c.device, res)
         finally:
-            te.to("cpu")
+            for te in parts.text_encoders:
+                te.to("cpu")
 
 
 def flatten(traj: Trajectories, num_steps: int, device) -> Rows:
@@ -210,18 +219,26 @@ def flatten(traj: Trajectories, num_steps: int, device) -> Rows:
         cond=traj.prompt_embeds.to(device).repeat_interleave(s, 0),
         prompts=[p for p in traj.prompts for _ in range(s)],
         end=step == num_steps - 1,
+        slot=torch.arange(s, device=device).repeat(b),
     )
+
+
+def policy_eps_fn(c: Components):
+    """Guided ε of the UNet as it is now (LoRA on unless inside ``reference_policy``), whatever the
+    model predicts (v-prediction converted, :func:`~lowmem_nablagfn.diffusion.as_epsilon`)."""
+    return as_epsilon(cfg_eps_fn(c.parts.unet, c.uncond, c.cfg.sampling.guidance_scale), c.sched)
 
 
 def update_context(c: Components) -> UpdateContext:
     m, mem = c.cfg.model, c.cfg.memory
     return UpdateContext(
-        eps_fn=cfg_eps_fn(c.parts.unet, c.uncond, c.cfg.sampling.guidance_scale),
+        eps_fn=policy_eps_fn(c),
         unet=c.parts.unet, flow_model=c.flow_model,
         latent_reward=make_latent_reward(c.parts.vae, c.reward_model), sched=c.sched,
         settings=ObjectiveSettings(m.reward_scale, m.reverse_loss_scale, m.unet_reg_scale,
                                    m.pretrained_strength, m.reward_adaptive_mode, m.flow_zero_prompt),
-        mode=mem.mode, input_grad_chunk=mem.input_grad_chunk, train_chunk=mem.train_chunk)
+        mode=mem.mode, input_grad_chunk=mem.input_grad_chunk, train_chunk=mem.train_chunk,
+        scaler=c.sync.scaler or LossScaler())
 
 
 def optimizer_step(c: Components) -> Dict[str, float]:
@@ -234,6 +251,30 @@ def optimizer_step(c: Components) -> Dict[str, float]:
     return stats
 
 
+def guarded_step(c: Components, epoch: int, update: int, bad_terms: List[str]) -> Dict[str, float]:
+    """:func:`optimizer_step`, unless a loss term or gradient of this update is inf/NaN on any rank:
+    then every rank drops the gradients (weights and optimiser state untouched) with a warning, and
+    ``training.max_nonfinite_updates`` such updates in a row raise
+    :class:`~lowmem_nablagfn.checkpoint.NonFiniteError`."""
+    bad = list(dict.fromkeys(bad_terms)) + c.sync.nonfinite_gradients()
+    if not dist.any_rank(bool(bad)):
+        c.nonfinite_streak = 0
+        return optimizer_step(c)
+    c.sync.skip()
+    if c.sync.scaler is not None and c.sync.scaler.back_off():  # fp16: the scaled backward overflowed;
+        return {"skipped_overflow": 1.0}  # the scale is halved, not a failure (GradScaler's rule)
+    c.nonfinite_streak += 1
+    limit = c.cfg.training.max_nonfinite_updates
+    what = ", ".join(bad) if bad else "values on another rank"
+    if dist.is_main():
+        print(f"lowmem-nablagfn: warning: epoch {epoch}, update {update}: non-finite {what}; update skipped "
+              f"({c.nonfinite_streak}/{limit} in a row)", file=sys.stderr)
+    if c.nonfinite_streak >= limit:
+        raise ckpt.NonFiniteError(f"{limit} updates in a row had a non-finite loss or gradient (last: epoch {epoch}, "
+                                  f"update {update}: {what}); stopped. {ckpt.LIKELY_CAUSES}")
+    return {}
+
+
 def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) -> Dict[str, float]:
     """Shuffle trajectories, train in batches, one optimiser step every ``accumulation`` batches."""
     t = c.cfg.training
@@ -243,7 +284,7 @@ def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) ->
     if c.flow_model is not None:
         c.flow_model.train()
     sums: Dict[str, float] = {}
-    n_batches = 0
+    n_batches, bad = 0, []
     for i, rows_idx in enumerate(order.split(t.batch_size)):
         rows = flatten(data.select(rows_idx), c.sched.num_steps, c.device)
         per_traj = data.step_index.shape[1]
@@ -254,10 +295,12 @@ def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) ->
         memtrack.count("train", len(rows))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
+        bad += [k for k, v in terms.items() if not math.isfinite(v)]
         n_batches += 1
         if (i + 1) % t.gradient_accumulation_steps == 0:
-            for k, v in optimizer_step(c).items():
+            for k, v in guarded_step(c, epoch, i // t.gradient_accumulation_steps, bad).items():
                 sums[k] = sums.get(k, 0.0) + v * t.gradient_accumulation_steps
+            bad = []
         if progress is not None:
             progress(1)
     return {f"train/{k}": v / n_batches for k, v in sums.items()}
@@ -272,7 +315,7 @@ def sample_grid(c: Components, n: int, seed: int = 1234) -> tuple:
     prompts = [c.prompts[i % len(c.prompts)] for i in range(n)]
     cond = encode(c, prompts)
     gen = torch.Generator().manual_seed(seed)
-    eps_fn = cfg_eps_fn(c.parts.unet, c.uncond, c.cfg.sampling.guidance_scale)
+    eps_fn = policy_eps_fn(c)
     traj = sample(eps_fn, c.sched, cond, c.latent_shape, gen, keep=torch.zeros(n, 0, dtype=torch.long),
                   prompts=prompts, device=c.device)
     vae = c.parts.vae
@@ -323,11 +366,38 @@ class MetricLogger:
             self.wandb.finish()
 
 
-def save_grid(images: Tensor, path: Path) -> None:
+def save_grid(images: Tensor, path: Path, min_side: int = 128) -> None:
+    """A square-ish grid PNG; images smaller than ``min_side`` px are enlarged by an integer factor
+    (nearest neighbour: pixels stay pixels) so that a 64-px sample can be looked at."""
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), str(path), nrow=max(1, int(math.ceil(math.sqrt(images.shape[0])))))
+    images = images.float().cpu()
+    factor = -(-min_side // max(images.shape[-2:]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    save_image(images, str(path), nrow=max(1, int(math.ceil(math.sqrt(images.shape[0])))))
+
+
+FINAL_SAMPLE = "final.safetensors"
+
+
+def save_final_sample(latents: Tensor, prompts: List[str], seed: int, path: Path) -> None:
+    """The final fixed-seed latents (safetensors; prompts and seed as JSON metadata)."""
+    from safetensors.torch import save_file
+
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(path),
+              metadata={"prompts": json.dumps(prompts), "seed": str(seed)})
+    ckpt.usual_modes(path)  # safetensors writes 0600
+
+
+def load_final_sample(path: Path) -> dict:
+    """``{"latents", "prompts", "seed"}`` of :func:`save_final_sample`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return {"latents": f.get_tensor("latents"), "prompts": json.loads(meta["prompts"]), "seed": int(meta["seed"])}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -348,31 +418,22 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     from tqdm.auto import tqdm
 
     from .report import refresh_report
+    from .summary import train_summary
 
+    t_start = time.perf_counter()
+    plan = ckpt.plan_run(cfg, resume)  # before any model is built: refuse what cannot start or resume
+    ckpt.start_run(plan, cfg)  # rank 0: stale temporaries, metrics cut back to the resumed epoch, config.json
     c = setup(cfg)
     run_dir, lg = c.run_dir, cfg.logging
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     lag = not cfg.training.on_policy
     first = -1 if lag else 0  # the official loop's epoch -1 only samples
 
     # 1. resume: adapter, flow model, optimiser, the lagged sample buffer, counters
     buffer, start, global_step = None, first, 0
-    resume_dir = ckpt.resolve_resume(run_dir, resume)
-    if resume_dir is not None:
-        state = dist.load_training_state(resume_dir)  # with this rank's own buffer and RNG
-        ckpt.load_lora_into(c.parts.unet, resume_dir)
-        if c.flow_model is not None:
-            from diffusers import UNet2DConditionModel
-
-            loaded = UNet2DConditionModel.from_pretrained(str(resume_dir / "flow_model"))
-            c.flow_model.load_state_dict(loaded.state_dict())
-        c.sync.load(state, resume_dir)  # optimiser state (ZeRO: this rank's partitions)
-        ckpt.set_rng_state(state["rng"])
-        buffer = state["buffer"]
-        buffer = None if buffer is None else Trajectories(**buffer).to(c.device)
-        start, global_step = state["epoch"] + 1, state["global_step"]
+    if plan.checkpoint is not None:  # with this rank's own buffer, RNG and ZeRO partitions
+        state = ckpt.load(plan.checkpoint, c.parts.unet, c.flow_model, c.sync)
+        buffer = ckpt.buffer_from_state(state.buffer, c.device)
+        start, global_step = state.epoch + 1, state.global_step
 
     steps_per_epoch = cfg.sampling.batch_size * cfg.sampling.num_batches_per_epoch // cfg.training.batch_size
     bar = tqdm(total=cfg.training.num_epochs - first, initial=start - first, desc="epochs",
@@ -409,10 +470,9 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
         last = epoch == cfg.training.num_epochs - 1
         if epoch >= 0 and ((epoch + 1) % lg.save_every == 0 or last or epoch == stop_after_epoch):
             # every rank: its buffer and ZeRO partitions are its own; rank 0 renames atomically
-            state = {**c.sync.state_dict(), "global_step": global_step,
-                     "buffer": buffer.to("cpu").state_dict(), "config": to_dict(cfg)}
-            dist.save_checkpoint(run_dir, epoch, c.parts.unet, c.flow_model, state, c.sync,
-                                 keep=lg.keep_checkpoints)
+            state = ckpt.TrainingState(epoch, global_step, to_dict(cfg), c.sync.state_dict(),
+                                       ckpt.buffer_state(buffer), world_size=dist.world_size())
+            ckpt.save(run_dir, c.parts.unet, c.flow_model, state, c.sync, keep=lg.keep_checkpoints)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     bar.close()
@@ -423,9 +483,9 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
         if lg.sample_grid_seeds:
             latents, images, prompts = sample_grid(c, lg.sample_grid_seeds)
             save_grid(images, run_dir / "samples" / "final.png")
-            torch.save({"latents": latents.cpu(), "prompts": prompts, "seed": 1234},
-                       run_dir / "samples" / "final.pt")
+            save_final_sample(latents, prompts, 1234, run_dir / "samples" / FINAL_SAMPLE)
         refresh_report(run_dir, force=True)
+        print(train_summary(run_dir, time.perf_counter() - t_start), flush=True)  # what happened, what next
     c.logger.close()
     c.sync.close()
     dist.barrier()

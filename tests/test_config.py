@@ -43,7 +43,7 @@ BAD = [
     (["reward.name=clipscore"], "reward.name='clipscore'"),
     (["pretrained.model=/does/not/exist"], "no such directory"),
     (["training.batch_size=3"], "does not divide the 8 trajectories"),
-    (["training.gradient_accumulation_steps=3"], "does not divide the 2 training batches"),
+    (["training.gradient_accumulation_steps=3"], "does not divide the 4 training batches"),
     (["model.timestep_fraction=0.3"], "divisible by the number of blocks K=3"),
     (["training.optimizer=sgd"], "training.optimizer='sgd'"),
     (["memory.mode=fast"], "memory.mode='fast'"),

@@ -135,9 +135,13 @@ def test_ddp_two_process_resume_ends_where_uninterrupted_run_ends(runs):
 
 
 @pytest.mark.distributed
-def test_resume_with_another_process_count_is_clear(runs):
-    with pytest.raises(RuntimeError, match="written by 2 process"):
-        dist.load_training_state(runs / "cut-ddp" / "checkpoints" / "epoch-000001")
+def test_resume_with_another_process_count_is_refused_before_setup(runs, tmp_path):
+    from helpers import small_config
+
+    from lowmem_nablagfn.checkpoint import RunError, plan_run
+
+    with pytest.raises(RunError, match="written by 2 process"):  # nothing built: plan_run reads the manifest
+        plan_run(small_config(tmp_path), str(runs / "cut-ddp" / "checkpoints" / "epoch-000001"), world_size=1)
 
 
 # ----------------------------------------------------------------------------- cheap checks

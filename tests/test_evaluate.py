@@ -61,6 +61,7 @@ def test_cli_eval_reports_weight_free_metrics_and_messages(run_dir, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "FID vs base" in out and "--inception-weights" in out and "--clip" in out
+    assert "Reward (builtin:redness, mean ± std): base " in out and "lowmem-nablagfn export" in out  # summary
     result = json.loads((run_dir / "eval" / "eval_lora.json").read_text())
     m = result["metrics"]
     for policy in ("finetuned", "base"):

@@ -1,4 +1,6 @@
-"""Every memory optimisation leaves the LoRA and flow gradients of one update unchanged (vs naive)."""
+"""Every memory optimisation — and the official schedule (one graph and one backward per transition
+slot) — leaves the LoRA and flow gradients of one update unchanged (vs naive: the whole batch in one
+graph, one backward)."""
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ OPTIONS = {
     "train_chunk=2": {"train_chunk": 2},
     "all": {"checkpoint_unet": True, "checkpoint_vae": True, "checkpoint_flow": True,
             "input_grad_chunk": 1, "train_chunk": 3},
+    "official": {"mode": "official"},
+    "official+checkpointing": {"mode": "official", "checkpoint_unet": True, "checkpoint_vae": True,
+                               "checkpoint_flow": True},
 }
 
 
@@ -27,7 +32,8 @@ def _grads(c, rows, mode, opts):
         if module is not None:
             (module.enable_gradient_checkpointing if opts.get(key) else module.disable_gradient_checkpointing)()
     ctx = T.update_context(c)
-    ctx.mode, ctx.input_grad_chunk, ctx.train_chunk = mode, opts.get("input_grad_chunk", 0), opts.get("train_chunk", 0)
+    ctx.mode, ctx.input_grad_chunk, ctx.train_chunk = (opts.get("mode", mode), opts.get("input_grad_chunk", 0),
+                                                       opts.get("train_chunk", 0))
     c.optimizer.zero_grad(set_to_none=True)
     n_end = float(rows.end.sum())
     terms = accumulate_gradients(ctx, rows, float(len(rows)), (n_end + 1e-6) * 3, scale=0.5)
@@ -40,9 +46,15 @@ def setup_and_rows(request, tmp_path_factory):
     extra = ["model.no_flow=true"] if request.param == "no_flow" else []
     cfg = small_config(tmp_path_factory.mktemp("mem"), *extra)
     c = T.setup(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in c.parts.unet.named_parameters():  # B = 0 at init would leave lora_A's gradient zero
+        if "lora_B" in name:
+            p.data.copy_(0.05 * torch.randn(p.shape, generator=gen))
     data = T.sample_epoch(c, 0)
     rows = T.flatten(data.select(torch.arange(2)), c.sched.num_steps, c.device)
     naive, naive_terms = _grads(c, rows, "naive", {})
+    lora_a = [p.grad for n, p in c.parts.unet.named_parameters() if "lora_A" in n]
+    assert lora_a and all(g is not None and g.abs().sum() > 0 for g in lora_a)
     return c, rows, naive, naive_terms
 
 
@@ -57,6 +69,21 @@ def test_gradients_equal_naive(setup_and_rows, name):
         assert torch.allclose(grads[key], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), key
     assert terms["loss"] == pytest.approx(naive_terms["loss"], rel=1e-4)
     assert set(grads) == ({"lora"} if c.flow_model is None else {"lora", "flow"})
+
+
+def test_official_schedule_runs_one_graph_per_slot(setup_and_rows, monkeypatch):
+    """``memory.mode=official``: the naive passes once per transition slot, on that slot's B rows."""
+    from lowmem_nablagfn import memory
+
+    c, rows, _, _ = setup_and_rows
+    seen = []
+    inner = memory._naive
+    monkeypatch.setattr(memory, "_naive", lambda ctx, r, *a: seen.append(r) or inner(ctx, r, *a))
+    _grads(c, rows, "official", {})
+    per_traj = 3  # K + 1 of tiny_cpu
+    assert len(seen) == per_traj and all(len(r) == 2 for r in seen)  # B = 2 trajectories per batch
+    for s, r in enumerate(seen):
+        assert torch.equal(r.slot, torch.full((2,), s)) and torch.equal(r.x, rows.x[s::per_traj])
 
 
 def test_store_only_trained_equals_gather_after(tmp_path):

@@ -78,7 +78,7 @@ def run(tmp_path):
 def test_report_renders_with_existing_pngs(run):
     path = write_report(run, force=True)
     page = parse(path)
-    assert len(page.images) == 5 + 6 + 1  # 5 curves, 5 epoch grids + final, 1 evaluation grid
+    assert len(page.images) == 5 + 2 + 5 + 1  # 5 curves, before/latest, 5 epoch grids, 1 evaluation grid
     for src in page.images:
         data = (run / src).read_bytes()
         assert data.startswith(PNG) and len(data) > 100, src
@@ -108,3 +108,43 @@ def test_refresh_report_warns_instead_of_raising(tmp_path):
     not_a_dir.write_text("x")
     with pytest.warns(UserWarning, match="report"):
         assert refresh_report(not_a_dir) is None
+
+
+def test_before_and_latest_side_by_side_and_every_epoch(run):
+    page = write_report(run, force=True).read_text()
+    before_after = page.split("Before and after", 1)[1].split("<h3>", 1)[0]
+    assert "samples/epoch_0000.png" in before_after and "samples/final.png" in before_after
+    every = page.split("Every epoch", 1)[1].split("<h2>", 1)[0]
+    assert [f"samples/epoch_{i:04d}.png" in every for i in range(5)] == [True] * 5
+    assert "shown:" not in page  # nothing left out
+
+
+def test_many_epochs_are_subsampled_evenly_and_say_so(run):
+    from torchvision.utils import save_image
+
+    from lowmem_nablagfn.report import MAX_GRIDS
+
+    for i in range(5, 60):
+        save_image(torch.rand(4, 3, 8, 8), str(run / "samples" / f"epoch_{i:04d}.png"))
+    page = write_report(run, force=True).read_text()
+    strip = page.split("Across epochs", 1)[1].split("<h2>", 1)[0]
+    shown = [i for i in range(60) if f"samples/epoch_{i:04d}.png" in strip]
+    assert len(shown) == MAX_GRIDS and shown[0] == 0 and shown[-1] == 59
+    gaps = {b - a for a, b in zip(shown, shown[1:])}
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced
+    assert f"shown: {MAX_GRIDS} of 60, evenly spaced" in page
+
+
+def test_sample_grids_of_small_images_are_enlarged(tmp_path):
+    from PIL import Image
+
+    from lowmem_nablagfn.trainer import save_grid
+
+    images = torch.rand(4, 3, 64, 64)
+    save_grid(images, tmp_path / "g.png")
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)  # 2x2 of 128 px, torchvision's 2-px padding
+    pixels = torch.tensor(list(grid.getdata()), dtype=torch.float32).T.reshape(3, *grid.size[::-1]) / 255
+    first = pixels[:, 2:130, 2:130]
+    assert torch.allclose(first[:, ::2, ::2], first[:, 1::2, 1::2])  # nearest neighbour: 2x2 blocks
+    assert torch.allclose(first[:, ::2, ::2], images[0], atol=1 / 255 + 1e-6)

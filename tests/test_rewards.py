@@ -313,7 +313,8 @@ def test_hpsv2_text_cache_and_offload(rewards):
 
 # ----------------------------------------------------------------------------- missing files
 @pytest.mark.parametrize("name,cfg,needles", [
-    ("aesthetic", {}, ["sac+logos+ava1-l14-linearMSE.pth", "improved-aesthetic-predictor", "reward.checkpoint=PATH"]),
+    # no reward.checkpoint: the packaged head is found, the CLIP backbone is what is missing
+    ("aesthetic", {}, ["openai/clip-vit-large-patch14", "reward.backbone=DIR", "HF_HUB_OFFLINE"]),
     ("aesthetic", {"checkpoint": "/nonexistent/head.pth"}, ["sac+logos+ava1-l14-linearMSE.pth"]),
     ("hpsv2", {"checkpoint": "/nonexistent/HPS_v2_compressed.pt"},
      ["xswu/HPSv2", "HPS_v2_compressed.pt", "reward.checkpoint="]),

@@ -19,6 +19,7 @@ def cli_run(tmp_path_factory):
            f"logging.output_dir={out}", "logging.save_every=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "terminal.json").write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
     return out / "tiny_cpu"
 
 
@@ -31,12 +32,49 @@ def test_cli_run_leaves_artefacts(cli_run):
 
 
 def test_builtin_reward_rises(cli_run):
+    """The default job's point: the reward rises clearly (not noisily) and the samples show it."""
     rows = [json.loads(line) for line in (cli_run / "metrics.jsonl").read_text().splitlines()]
+    cfg = json.loads((cli_run / "config.json").read_text())
+    epochs = cfg["training"]["num_epochs"]
     rewards = [r["reward/mean"] for r in rows]
-    assert len(rewards) == 13  # epoch -1 (sampling only) + 12
+    assert len(rewards) == epochs + 1  # epoch -1 (sampling only) + the epochs
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
-    assert last > first + 0.01, rewards
-    assert rows[-1]["optimizer_steps"] == 12 * 2
+    spread = max(r["reward/std"] for r in rows)
+    assert last > first + 0.15 and last - first > 3 * spread, rewards  # far beyond one epoch's spread
+    half = sum(rewards[len(rewards) // 2 - 1:len(rewards) // 2 + 2]) / 3
+    assert first < half < last, rewards  # rising through the run, not one lucky epoch
+    s, t = cfg["sampling"], cfg["training"]
+    per_epoch = s["batch_size"] * s["num_batches_per_epoch"] // (t["batch_size"] * t["gradient_accumulation_steps"])
+    assert rows[-1]["optimizer_steps"] == epochs * per_epoch
+
+
+def _redness(png):
+    from PIL import Image
+
+    img = Image.open(png).convert("RGB")
+    r, g, b = (torch.tensor(list(c.getdata()), dtype=torch.float32) / 255 for c in img.split())
+    return float((r - (g + b) / 2).mean())
+
+
+def test_sample_grids_turn_visibly_redder(cli_run):
+    before, after = _redness(cli_run / "samples" / "epoch_0000.png"), _redness(cli_run / "samples" / "final.png")
+    assert after > before + 0.3, (before, after)  # cool to red (the grid's black padding counts too)
+    from PIL import Image
+
+    assert min(Image.open(cli_run / "samples" / "final.png").size) >= 256  # 2x2 of >= 128 px: can be looked at
+    page = (cli_run / "report.html").read_text()
+    assert "Before and after" in page and "samples/epoch_0000.png" in page and "samples/final.png" in page
+
+
+def test_terminal_shows_only_the_summary(cli_run):
+    """Quiet start (no optional-dependency warnings) and an end-of-run summary that says what next."""
+    term = json.loads((cli_run.parent / "terminal.json").read_text())
+    assert term["stderr"].strip() == "", term["stderr"][-3000:]
+    out = term["stdout"]
+    epochs = json.loads((cli_run / "config.json").read_text())["training"]["num_epochs"]
+    for needle in (f"Finished {epochs} epochs", "Reward (builtin:redness", "→", "peak memory", "/lora/", "report.html",
+                   "checkpoints/epoch-", "lowmem-nablagfn eval", "lowmem-nablagfn export", "lowmem-nablagfn report"):
+        assert needle in out, (needle, out)
 
 
 def test_lora_reloads_in_pipeline_and_reproduces_sample(cli_run, tmp_path):
@@ -47,7 +85,7 @@ def test_lora_reloads_in_pipeline_and_reproduces_sample(cli_run, tmp_path):
     save_sd(build_random_sd("tiny", seed=0), tmp_path / "base")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"), safety_checker=None)
     pipe.load_lora_weights(str(cli_run / "lora"))
-    ref = torch.load(cli_run / "samples" / "final.pt")
+    ref = T.load_final_sample(cli_run / "samples" / T.FINAL_SAMPLE)
     out = pipe(ref["prompts"], num_inference_steps=10, guidance_scale=5.0, eta=1.0, height=64, width=64,
                generator=torch.Generator().manual_seed(ref["seed"]), output_type="latent").images
     assert torch.allclose(out, ref["latents"], atol=1e-4, rtol=1e-4), (out - ref["latents"]).abs().max()
@@ -83,10 +121,10 @@ def test_resume_after_interruption_ends_where_uninterrupted_ends(tmp_path):
 
 
 def test_resume_with_missing_path_is_clear(tmp_path):
-    from lowmem_nablagfn.checkpoint import resolve_resume
+    from lowmem_nablagfn.checkpoint import RunError, plan_run
 
-    with pytest.raises(FileNotFoundError, match="no training_state.pt"):
-        resolve_resume(tmp_path, str(tmp_path / "nope"))
+    with pytest.raises(RunError, match="neither a checkpoint directory"):
+        plan_run(small_config(tmp_path), str(tmp_path / "nope"))
 
 
 def test_no_flow_mode_creates_no_flow_model(tmp_path):

@@ -5,6 +5,7 @@ lazily, so their heavy dependencies (the ``rewards`` extra) are needed only when
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -31,6 +32,16 @@ def reward_names() -> list:
     return sorted(BUILTIN) + sorted(EXTERNAL)
 
 
+def apply_preprocessing_options(model: RewardModel, cfg) -> RewardModel:
+    """``reward.antialias`` / ``reward.max_length`` over the reward's own official preprocessing
+    (each reward model's default transform and token length; None keeps them)."""
+    if getattr(cfg, "antialias", None) is not None:
+        model.transform = dataclasses.replace(model.transform, antialias=bool(cfg.antialias))
+    if getattr(cfg, "max_length", None) is not None:
+        model.max_length = int(cfg.max_length)  # ImageReward (validation refuses it elsewhere)
+    return model
+
+
 def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
     """Build the reward named by ``cfg.name`` (a :class:`~lowmem_nablagfn.config.RewardConfig`)."""
     if cfg.name in BUILTIN:
@@ -38,10 +49,11 @@ def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
     elif cfg.name in EXTERNAL:
         module, fn = EXTERNAL[cfg.name].split(":")
         model = getattr(importlib.import_module(module), fn)(cfg)
+        apply_preprocessing_options(model, cfg)
         model.store_weights(_DTYPES[cfg.weight_dtype])  # bf16/fp16 storage, fp32 math: rewards/towers.py
     else:
         raise ValueError(f"unknown reward {cfg.name!r}; choose one of {reward_names()}")
     return model.to(device).eval().requires_grad_(False)
 
 
-__all__ = ["RewardModel", "build_reward", "known_reward", "reward_names"]
+__all__ = ["RewardModel", "apply_preprocessing_options", "build_reward", "known_reward", "reward_names"]

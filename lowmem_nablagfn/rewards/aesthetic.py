@@ -12,14 +12,23 @@ so the embeddings are the same ones the head was used with there; (2) ``from_pre
 full CLIP repo (or a local copy) loads only the image tower and projection (304 M parameters) and
 skips the text tower (123 M); (3) a ``save_pretrained`` folder loads offline.
 
-``reward.checkpoint``: the head file (path or ``owner/repo/file`` on the hub; no default: the file
-is not on an official hub repo).  ``reward.backbone``: a local copy of ``openai/clip-vit-large-patch14``
-(full CLIP or vision-only folder) or that hub id (the default; downloaded only when online).
-``random`` / ``random:reduced``: see :mod:`lowmem_nablagfn.rewards.loading`.
+``reward.checkpoint``: the head file (path or ``owner/repo/file`` on the hub); default: the real
+trained head, shipped inside the package (``rewards/data/``, 3.7 MB, md5
+``b1047fd767a00134b8fd6529bf19521a``; the file the official ∇-GFlowNet code ships in ``lib/assets/``),
+so only the CLIP backbone has to be fetched.  ``reward.backbone``: a local copy of
+``openai/clip-vit-large-patch14`` (full CLIP or vision-only folder) or that hub id (the default;
+downloaded only when online).  ``random`` / ``random:reduced``: see :mod:`lowmem_nablagfn.rewards.loading`.
+
+Preprocessing (default, ``reward.antialias`` unset): the official scorer's —
+``F.interpolate(images, (224, 224), mode="bicubic")`` without antialiasing, then CLIP's mean/std
+(bit-identical for square images; tested) — which is what the paper's β was tuned with.
+``reward.antialias=true`` gives PIL-like bicubic instead (how CLIP was trained; the pixel gradient
+then has cosine ≈ 0.6 to the official one on 512-px images).
 """
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -31,6 +40,10 @@ from .preprocess import ImageTransform
 from .towers import TowerReward
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+#: the real trained LAION head, package data: the default ``reward.checkpoint``
+DEFAULT_HEAD = Path(__file__).resolve().parent / "data" / HEAD_FILE
+#: the official ∇-GFlowNet aesthetic preprocessing resizes without antialiasing
+ANTIALIAS = False
 DEFAULT_BACKBONE = "openai/clip-vit-large-patch14"
 HOW_HEAD = (f"Download {HEAD_FILE} from the LAION improved-aesthetic-predictor repository "
             f"(christophschuhmann/improved-aesthetic-predictor on GitHub) and pass reward.checkpoint=PATH.")
@@ -80,7 +93,7 @@ class AestheticReward(TowerReward):
         super().__init__()
         self.vision = vision  # transformers CLIPVisionModelWithProjection
         self.head = head
-        self.transform = transform or ImageTransform(size=vision.config.image_size, fit="crop")
+        self.transform = transform or ImageTransform(size=vision.config.image_size, fit="crop", antialias=ANTIALIAS)
 
     def blocks(self) -> List[nn.Module]:
         return list(self.vision.vision_model.encoder.layers)
@@ -127,7 +140,7 @@ def build(cfg, size: Optional[str] = None) -> AestheticReward:
     """The aesthetic reward of a :class:`~lowmem_nablagfn.config.RewardConfig` (fp32 weights, frozen, eval mode).
 
     Args:
-        cfg: ``checkpoint`` = head file | ``random`` | ``random:reduced``; ``backbone`` = CLIP
+        cfg: ``checkpoint`` = head file (None: the packaged head) | ``random`` | ``random:reduced``; ``backbone`` = CLIP
             ViT-L/14 folder or hub id (ignored for random weights).
         size: architecture of random weights (``full`` | ``reduced``); from ``cfg.checkpoint`` by default.
     """
@@ -137,7 +150,7 @@ def build(cfg, size: Optional[str] = None) -> AestheticReward:
         with seeded(1):
             head = ScoreMLP(vision.config.projection_dim)
         return AestheticReward(vision, head).eval().requires_grad_(False)
-    head_path = resolve_file(cfg.checkpoint, None, HOW_HEAD)  # the cheap check first
+    head_path = resolve_file(cfg.checkpoint, str(DEFAULT_HEAD), HOW_HEAD)  # the cheap check first
     vision = load_vision(cfg.backbone)
     head = ScoreMLP(vision.config.projection_dim)
     load_exact(head, load_state_dict(head_path), str(head_path))

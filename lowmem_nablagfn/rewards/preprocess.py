@@ -5,7 +5,8 @@ with ``mode="bicubic", antialias=True`` uses PIL's kernel (a = -0.5, widened whe
 so it reproduces the training-time resize up to PIL's 8-bit rounding and clamping (which would
 kill gradients and are left out; bicubic overshoot stays unclamped).  Without ``antialias`` torch
 uses a = -0.75 and no low-pass filter: the official ∇-GFlowNet aesthetic reward does that
-(``F.interpolate(..., (224, 224), mode="bicubic")``); pass ``antialias=False`` to reproduce it.
+(``F.interpolate(..., (224, 224), mode="bicubic")``), and so does our aesthetic reward by default
+(``aesthetic.ANTIALIAS``; ``reward.antialias`` overrides any reward's choice).
 
 | reward | fit | size | mean / std |
 | --- | --- | --- | --- |
