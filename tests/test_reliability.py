@@ -164,6 +164,20 @@ def test_resume_with_changed_training_config_is_refused_with_the_differences(int
     assert _snapshot(out / "cut") == before  # config.json not rewritten
 
 
+def test_config_comparison_sorts_changes_into_refused_and_allowed():
+    from lowmem_nablagfn.checkpoint import compare_configs
+    from lowmem_nablagfn.config import load_config, to_dict
+
+    saved = to_dict(load_config("tiny_cpu", []))
+    now = to_dict(load_config("tiny_cpu", ["training.num_epochs=40", "memory.checkpoint_unet=true",
+                                           "logging.save_every=3", "memory.transition_dtype=bf16",
+                                           "model.reward_scale=1e4"]))
+    refused, allowed = compare_configs(saved, now)
+    assert sorted(line.split(":")[0] for line in refused) == ["memory.transition_dtype", "model.reward_scale"]
+    assert sorted(line.split(":")[0] for line in allowed) == ["logging.save_every", "memory.checkpoint_unet",
+                                                              "training.num_epochs"]
+
+
 def test_overwrite_starts_afresh(tmp_path):
     run = tmp_path / "r"
     (run / "checkpoints" / "epoch-000005").mkdir(parents=True)

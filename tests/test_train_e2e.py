@@ -120,6 +120,54 @@ def test_resume_after_interruption_ends_where_uninterrupted_ends(tmp_path):
         assert torch.allclose(flow_a[k], flow_b[k], atol=1e-6), k
 
 
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("when", ["after_checkpoint", "during_checkpoint_write"])
+def test_kill_9_then_resume_ends_bitwise_where_the_uninterrupted_run_ends(cli_run, tmp_path, when):
+    """SIGKILL the real CLI (right after a checkpoint, i.e. in the next epoch's sampling/training; or
+    while a checkpoint is being written), then ``--resume``: the final LoRA and sample are bit-identical
+    to the uninterrupted run's (``cli_run``, same command), and no temporary directory is left."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "lowmem_nablagfn.cli", "train", "--preset", "tiny_cpu", "--quiet",
+           f"logging.output_dir={tmp_path}", "logging.save_every=4"]
+    ckpts = tmp_path / "tiny_cpu" / "checkpoints"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed, deadline = False, time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if when == "after_checkpoint":
+            hit = (ckpts / "epoch-000003" / "manifest.json").is_file()
+        else:  # the second checkpoint's temporary directory exists: the write is under way
+            hit = ckpts.is_dir() and any(ckpts.glob(".tmp-epoch-000007*"))
+        if hit:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    if not killed:
+        pytest.skip(f"the run finished before the kill point '{when}' was seen (a too-fast write)")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "tiny_cpu" / "lora").exists()  # really cut short
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "tiny_cpu"
+    for name in ("lora/pytorch_lora_weights.safetensors", f"samples/{T.FINAL_SAMPLE}"):
+        a, b = _tensors(cli_run / name), _tensors(run / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert not list(ckpts.glob(".tmp-*"))
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs))  # no duplicated epoch line after the resume
+
+
 def test_resume_with_missing_path_is_clear(tmp_path):
     from lowmem_nablagfn.checkpoint import RunError, plan_run
 
