@@ -8,7 +8,7 @@ Runs on CPU in a few minutes::
 A 2-D Gaussian mixture is the "pretrained" diffusion model (exact noise prediction under the SD 1.5
 schedule, the project's DDPM sampler), the reward is linear so the tilted target is a Gaussian mixture
 in closed form, and residual ∇-DB, no-flow and a DRaFT-style reward-maximising baseline finetune a
-small residual MLP on top of the exact model (see ``lowmem_nablagfn/analytic.py``).  Prints the table
+small residual MLP on top of the exact model (see ``lowmem_nablagfn/analytic/``).  Prints the table
 (per-mode mass vs exact, max mass error, MMD vs exact samples, mean reward), saves a figure under
 ``benchmarks/figures/`` and appends a section to ``benchmarks/RESULTS.md``.
 """
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             f"- Command: `{cmd}`",
             f"- Machine: {machine()}",
             f"- Wall time: {wall:.0f} s (all methods, evaluation included)",
-            f"- Setting (`lowmem_nablagfn/analytic.py`, `AnalyticConfig`{' with ' + str(changed) if changed else ' defaults'}): "
+            f"- Setting (`lowmem_nablagfn/analytic/`, `AnalyticConfig`{' with ' + str(changed) if changed else ' defaults'}): "
             f"data = {len(cfg.weights)}-component isotropic Gaussian mixture in 2-D, means {list(cfg.means)}, "
             f"stds {list(cfg.stds)}, weights {list(cfg.weights)}; exact ε* under the SD 1.5 schedule, "
             f"DDPM (DDIM eta=1) with T={cfg.num_steps}; R(x) = a·x, a = {list(cfg.reward_direction)}, "

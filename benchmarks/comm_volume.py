@@ -30,10 +30,10 @@ def count(lora_rank: int, widths: list, targets=("to_q", "to_k", "to_v", "to_out
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from lowmem_nablagfn.models import _sd15_configs, build_flow_model
+    from lowmem_nablagfn.models import build_flow_model, builtin_configs
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_sd15_configs()["unet"])
+        unet = UNet2DConditionModel(**builtin_configs("sd15-random")["unet"])
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(targets),
                                     init_lora_weights="gaussian"))

@@ -80,7 +80,7 @@ import torch  # noqa: E402
 
 from lowmem_nablagfn import distributed as dist  # noqa: E402
 from lowmem_nablagfn import planner, profiler, results  # noqa: E402
-from lowmem_nablagfn import trainer as T  # noqa: E402
+from lowmem_nablagfn import loop as T  # noqa: E402
 from lowmem_nablagfn.config import load_config  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
 
@@ -481,7 +481,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     json_path = args.json or (ROOT / "benchmarks" / "gpu_validate.json")
     json_path.write_text(json.dumps(out, indent=1, default=str))
     print(f"JSON written to {json_path}")
-    results_path = args.results or (None if smoke else results.RESULTS)
+    results_path = args.results or (None if smoke else ROOT / "benchmarks" / "RESULTS.md")
     if results_path is not None:
         notes = (f"{'SMOKE (tiny model, CPU: checks the code paths, not the figures)' if smoke else 'sd15-random'}; "
                  f"{out['seconds']:.0f} s in all; planner constants as of this commit; JSON: {json_path.name}")

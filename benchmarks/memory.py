@@ -56,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, machine  # noqa: E402
 
 from lowmem_nablagfn import memtrack  # noqa: E402
-from lowmem_nablagfn import trainer as T  # noqa: E402
-from lowmem_nablagfn.config import load_config  # noqa: E402
-from lowmem_nablagfn.memory import Rows, accumulate_gradients  # noqa: E402
+from lowmem_nablagfn import loop as T  # noqa: E402
+from lowmem_nablagfn.config import MemoryConfig, load_config  # noqa: E402
+from lowmem_nablagfn.memory import Rows, accumulate_gradients, build_plan  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
 
 VARIANTS = {
@@ -85,7 +85,7 @@ def make_rows(c, n_traj: int, seed: int = 0) -> Rows:
 
 
 def set_memory_options(c, opts: dict) -> None:
-    """Switch checkpointing on or off on every part (what memory.apply_checkpointing switches on)."""
+    """Switch checkpointing on or off on every part (``Placement.apply_checkpointing`` only switches on)."""
     for module, key in ((c.parts.unet, "checkpoint_unet"), (c.parts.vae, "checkpoint_vae"),
                         (c.flow_model, "checkpoint_flow")):
         if module is not None:
@@ -98,8 +98,7 @@ def measure(c, rows: Rows, opts: dict) -> dict:
     """Peak bytes and time of one ``accumulate_gradients`` call under the memory options ``opts``."""
     set_memory_options(c, opts)
     ctx = T.update_context(c)
-    ctx.mode = opts["mode"]
-    ctx.input_grad_chunk, ctx.train_chunk = opts.get("input_grad_chunk", 0), opts.get("train_chunk", 0)
+    ctx.plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)  # the plan the trainer would run
     c.optimizer.zero_grad(set_to_none=True)
     gc.collect()
     from lowmem_nablagfn.sampling import as_conditioning  # SDXL: pooled embeddings and time ids too

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, machine  # noqa: E402
 
-from lowmem_nablagfn import trainer as T  # noqa: E402
+from lowmem_nablagfn import loop as T  # noqa: E402
 from lowmem_nablagfn.config import load_config  # noqa: E402
 
 

@@ -1,27 +1,31 @@
-"""``lowmem-nablagfn``: train | eval | export | report | profile | plan | presets | config — parse,
-load the configuration, call one function.
+"""``lowmem-nablagfn``: train | eval | export | report | profile | plan | presets | config | help-config —
+parse, load the configuration, call one function.
 
 Options and ``key=value`` overrides may come in any order.  Exit codes: 0 done; 1 the run stopped
 (e.g. non-finite updates); 2 bad input, found before any model is built (configuration, preflight,
 what to resume); 3 predicted not to fit the GPU; 130 interrupted (Ctrl-C); 141 output pipe closed.
+
+Each subcommand lives in its own module (:data:`SUBCOMMANDS`), which provides
+``add_parser(subparsers) -> None`` (its flags) and ``run(args) -> int`` (its exit code).  A subcommand
+whose parser has the configuration options (:func:`~lowmem_nablagfn.config.add_config_arguments`)
+gets its configuration loaded, validated and preflighted here, as ``args.cfg``, before its ``run``.
+This module keeps only what all of them share: the argument pre-processing, overrides anywhere,
+exit codes, Ctrl-C and closed pipes.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from .config import ConfigError, field_docs, list_presets, load_config, to_dict, validate
+from .config import ConfigError, load_config, validate
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", "-p", default="tiny_cpu",
-                   help=f"preset name in lowmem_nablagfn/configs/ ({', '.join(list_presets())}) or a YAML path")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. model.reward_scale=1e4 (official --config.x.y=v accepted)")
+#: The subcommand modules, in the order ``--help`` lists their commands.
+SUBCOMMANDS = ("trainer", "config.cli", "profiler", "planner.cli", "evaluate", "export", "report")
 
 
 def _split_official(argv: List[str]) -> List[str]:
@@ -57,6 +61,20 @@ def _parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespa
     if extra:
         args.overrides = list(args.overrides or []) + extra
     return args
+
+
+def build_parser() -> tuple:
+    """(the parser, {command name: the module that runs it})."""
+    parser = argparse.ArgumentParser(prog="lowmem-nablagfn", description=__doc__.split("\n\nEach subcommand")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    owners: Dict[str, object] = {}
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"{__package__}.{name}")
+        known = set(sub.choices)
+        module.add_parser(sub)
+        owners.update((command, module) for command in set(sub.choices) - known)
+    return parser, owners
 
 
 def _is_main_process() -> bool:
@@ -144,94 +162,22 @@ def _check(args: argparse.Namespace, cfg) -> tuple:
 def _main(argv: List[str], state: dict) -> int:
     from . import checkpoint as ckpt
 
-    argv = _resume_value(_split_official(argv))
-    parser = argparse.ArgumentParser(prog="lowmem-nablagfn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="finetune with residual ∇-DB (or no-flow)")
-    _common(p_train)
-    p_train.add_argument("--resume", nargs="?", const="auto", default=None,
-                         help="continue the run from its latest checkpoint (or from PATH)")
-    p_train.add_argument("--quiet", action="store_true", help="no progress bars")
-    p_train.add_argument("--overwrite", action="store_true",
-                         help="start afresh in a run directory with checkpoints, deleting them "
-                              "(logging.overwrite=true)")
-    p_train.add_argument("--force", action="store_true",
-                         help="train even if the planner predicts the configuration does not fit the GPU")
-    p_check = sub.add_parser("config", help="print the resolved, validated configuration")
-    _common(p_check)
-    p_prof = sub.add_parser("profile", help="run a few updates; per-phase peak memory, time, throughput")
-    _common(p_prof)
-    p_prof.add_argument("--updates", type=int, default=2, help="recorded updates (after --warmup)")
-    p_prof.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up rounds")
-    p_prof.add_argument("--trace", metavar="DIR", help="also write a torch.profiler trace to DIR/trace.json")
-    p_prof.add_argument("--json", metavar="PATH", help="write the result here (default RUN_DIR/profile.json)")
-    p_prof.add_argument("--compare-plan", action="store_true", help="show the planner's prediction per phase")
-    p_prof.add_argument("--results", metavar="PATH", help="markdown file to append to (default benchmarks/RESULTS.md)")
-    p_prof.add_argument("--no-results", action="store_true", help="do not append to a results file")
-    p_plan = sub.add_parser("plan", help="predict peak memory phase by phase (no GPU needed); propose settings")
-    _common(p_plan)
-    p_plan.add_argument("--vram", help="card memory (24GB, 16000MB) or name (RTX4090-24, A100-80, ...); "
-                                       "default: this machine's GPU, if any")
-    p_plan.add_argument("--table", action="store_true", help="markdown table: every GPU preset x card")
-    p_plan.add_argument("--headroom", type=float, default=None,
-                        help="allocator fragmentation as a fraction of the peak (default 0.05 with "
-                             "expandable segments, 0.15 without: planner.FRAGMENTATION)")
-    p_plan.add_argument("--json", metavar="PATH", help="write the prediction as JSON")
-    p_plan.add_argument("--verbose", action="store_true", help="report each traced probe")
-    sub.add_parser("presets", help="list the presets")
-    sub.add_parser("help-config", help="every configuration key with its default and meaning")
-    from . import evaluate, export, report
-
-    for module in (evaluate, export, report):
-        module.add_parser(sub)  # eval | export | report: each parses its own flags, sets args.run_command
-    args = _parse(parser, argv)
-
-    if getattr(args, "run_command", None) is not None:
-        return args.run_command(args)
-    if args.command == "presets":
-        print("\n".join(list_presets()))
-        return 0
-    if args.command == "help-config":
-        for key, default, doc in field_docs():
-            print(f"{key} = {default!r}\n    {doc}")
-        return 0
+    parser, owners = build_parser()
+    args = _parse(parser, _resume_value(_split_official(argv)))
+    if getattr(args, "reads_config", False):
+        try:  # flags that stand for overrides (train --quiet / --overwrite) come after the typed ones
+            cfg = load_config(args.preset, list(args.overrides) + list(getattr(args, "flag_overrides", None) or []))
+        except ConfigError as exc:
+            print(f"lowmem-nablagfn: {exc}", file=sys.stderr)
+            return 2
+        state["cfg"] = args.cfg = cfg
+        invalid, problems = _check(args, cfg)
+        if invalid is not None or problems:
+            print("\n".join(f"lowmem-nablagfn: {p}" for p in [invalid, *problems] if p is not None),
+                  file=sys.stderr)
+            return 2
     try:
-        overrides = list(args.overrides) + (["logging.quiet=true"] if getattr(args, "quiet", False) else []) \
-            + (["logging.overwrite=true"] if getattr(args, "overwrite", False) else [])
-        cfg = load_config(args.preset, overrides)
-    except ConfigError as exc:
-        print(f"lowmem-nablagfn: {exc}", file=sys.stderr)
-        return 2
-    state["cfg"] = cfg
-    invalid, problems = _check(args, cfg)
-    if invalid is not None or problems:
-        print("\n".join(f"lowmem-nablagfn: {p}" for p in [invalid, *problems] if p is not None), file=sys.stderr)
-        return 2
-    if args.command == "config":
-        from omegaconf import OmegaConf
-
-        print(OmegaConf.to_yaml(to_dict(cfg)))
-        return 0
-    if args.command == "profile":
-        from . import profiler
-
-        args.command_line = None
-        return profiler.main(cfg, args)
-    if args.command == "plan":
-        from . import planner
-
-        return planner.main(cfg, args)
-    if not args.force:  # on CUDA: refuse a configuration predicted not to fit (CPU: no check)
-        from . import planner
-
-        refusal = planner.preflight(cfg)
-        if refusal is not None:
-            print(f"lowmem-nablagfn: {refusal}", file=sys.stderr)
-            return 3
-    from .trainer import train
-
-    try:
-        train(cfg, resume=args.resume)
+        return owners[args.command].run(args)
     except ckpt.RunError as exc:  # e.g. a checkpoint damaged between the check and the load
         print(f"lowmem-nablagfn: {exc}", file=sys.stderr)
         return 2
@@ -239,7 +185,6 @@ def _main(argv: List[str], state: dict) -> int:
         if _is_main_process():
             print(f"lowmem-nablagfn: {exc}", file=sys.stderr)
         return 1
-    return 0  # train() printed its summary (rank 0): results, where they are, next commands
 
 
 if __name__ == "__main__":

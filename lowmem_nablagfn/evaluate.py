@@ -28,17 +28,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import Target, resolve_target
-
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-PIXEL_SIDE = 32
+from .image_metrics import (INCEPTION_FILE, build_fid, clip_scorer, diversity_embedder, mean_pairwise_cosine_distance,
+                            summary)
+from .targets import Target, load_lora_file, resolve_target
 
 
 @dataclass
@@ -106,17 +103,16 @@ def load_models(cfg, lora_file: Optional[Path]) -> EvalModels:
     The LoRA may be in diffusers or kohya format (diffusers' loader infers rank and alpha).
     """
     from .diffusion import make_schedule
+    from .distributed import pick_device
+    from .dtypes import to_dtype
     from .models import freeze, load_sd, pipeline_class
-    from .trainer import DTYPES, pick_device
 
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed, cfg.pretrained.vae)
-    frozen = DTYPES[cfg.training.mixed_precision]
+    frozen = to_dtype(cfg.training.mixed_precision)
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         freeze(module, device, parts.frozen_dtype(module, frozen))  # without diffusers' empty fp32 warning
     if lora_file is not None:
-        from .export import load_lora_file
-
         state, _ = load_lora_file(lora_file)
         # SDXL: kohya files name the original (SGM) blocks; diffusers maps them with the UNet's config
         kw = {"unet_config": parts.unet.config} if parts.is_sdxl else {}
@@ -140,10 +136,10 @@ def batch_seed(seed: int, index: int) -> int:
 def sample_batches(m: EvalModels, guidance_scale: float, items: List[tuple], batch_size: int, seed: int):
     """Yield (images (b, 3, H, W) in [0, 1] on the device, prompts, prompt indices) per batch."""
     from .diffusion import as_epsilon
+    from .images import decode_latents
     from .sampling import cfg_eps_fn, sample
 
     eps_fn = as_epsilon(cfg_eps_fn(m.parts.unet, m.uncond, guidance_scale), m.sched)
-    vae = m.parts.vae
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
         prompts = [p for _, p in chunk]
@@ -151,131 +147,7 @@ def sample_batches(m: EvalModels, guidance_scale: float, items: List[tuple], bat
         gen = torch.Generator().manual_seed(batch_seed(seed, b // batch_size))
         traj = sample(eps_fn, m.sched, cond, m.latent_shape, gen, keep=torch.zeros(len(chunk), 0, dtype=torch.long),
                       prompts=prompts, device=m.device)
-        x = (traj.final_latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
-        images = (vae.decode(x).sample.float() / 2 + 0.5).clamp(0, 1)
-        yield images, prompts, [i for i, _ in chunk]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def mean_pairwise_cosine_distance(embeddings: Tensor, groups: Sequence[int]) -> Optional[float]:
-    """Mean over groups (prompts) of the mean ``1 − cos`` over the pairs of that group's embeddings.
-
-    Args:
-        embeddings: (N, D).
-        groups: N group ids; groups with fewer than 2 members are skipped.
-    """
-    e = F.normalize(embeddings.double(), dim=-1)
-    ids = torch.as_tensor(list(groups))
-    values = []
-    for g in ids.unique():
-        x = e[ids == g]
-        n = x.shape[0]
-        if n < 2:
-            continue
-        sim = x @ x.T
-        values.append(float((n * n - sim.sum()) / (n * (n - 1))))  # off-diagonal mean of 1 − cos
-    return sum(values) / len(values) if values else None
-
-
-def diversity_embedder(reward_model: nn.Module, dreamsim_cache: Optional[str], device) -> tuple:
-    """(embed fn: images in [0, 1] -> (B, D), method, note) — DreamSim, the reward's tower, or pixels."""
-    if dreamsim_cache:
-        try:
-            from dreamsim import dreamsim
-        except ImportError as exc:
-            raise ImportError("--dreamsim-cache needs the dreamsim package: pip install dreamsim") from exc
-        model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(Path(dreamsim_cache).expanduser()))
-
-        def embed(images: Tensor) -> Tensor:  # dreamsim's preprocess: bicubic 224 px, [0, 1]
-            x = F.interpolate(images, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
-            return model.embed(x)
-
-        return embed, "dreamsim", f"DreamSim from {dreamsim_cache}; distance = 1 - cos of DreamSim embeddings"
-    tower = getattr(reward_model, "image_embeddings", None) or getattr(reward_model, "embed", None)
-    if callable(tower):
-        return (tower, "reward-image-tower",
-                f"1 - cos of the reward model's image embeddings ({type(reward_model).__name__}); "
-                f"DreamSim (--dreamsim-cache DIR) is the paper's metric")
-
-    def pixels(images: Tensor) -> Tensor:
-        return (F.adaptive_avg_pool2d(images.float(), PIXEL_SIDE) * 2 - 1).flatten(1)
-
-    return (pixels, "pixel-cosine",
-            f"the reward model has no image tower: 1 - cos of {PIXEL_SIDE}x{PIXEL_SIDE} pixels in [-1, 1] "
-            f"(a weak proxy); pass --dreamsim-cache DIR (an unzipped DreamSim release) for the paper's metric")
-
-
-def clip_scorer(path: str, device) -> Callable[[Tensor, List[str]], Tensor]:
-    """``score(images, prompts) -> (B,)`` CLIP score ``100 · max(cos, 0)`` from a local transformers CLIP."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    from .models import CLIP_VOCAB_SIZE, clip_tokenizer
-    from .rewards.preprocess import ImageTransform
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--clip {path}: not a folder; give a local transformers CLIP folder, e.g. "
-                                f"`hf download openai/clip-vit-large-patch14 config.json model.safetensors "
-                                f"--local-dir ckpt/clip-l14`")
-    model = CLIPModel.from_pretrained(str(folder)).to(device).eval().requires_grad_(False)
-    tokenizer = None
-    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    if tokenizer is None or len(tokenizer) != CLIP_VOCAB_SIZE:  # transformers can return a broken one
-        tokenizer = clip_tokenizer(model.config.text_config.max_position_embeddings)
-    transform = ImageTransform(size=model.config.vision_config.image_size, fit="crop")
-
-    def features(out) -> Tensor:  # transformers 5 returns an output object, 4 a tensor
-        return F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
-
-    @torch.no_grad()
-    def score(images: Tensor, prompts: List[str]) -> Tensor:
-        ids = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                        max_length=model.config.text_config.max_position_embeddings).input_ids.to(device)
-        image = features(model.get_image_features(pixel_values=transform(images.float())))
-        text = features(model.get_text_features(input_ids=ids))
-        return 100 * (image * text).sum(-1).clamp(min=0)
-
-    return score
-
-
-def default_inception_weights() -> Optional[Path]:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return path if path.is_file() else None
-
-
-def build_fid(weights: Optional[str], feature: Optional[nn.Module], device) -> tuple:
-    """(torchmetrics FrechetInceptionDistance or None, message).
-
-    ``feature``: a module mapping images (B, 3, H, W) float in [0, 1] to (B, D) features, used
-    instead of Inception (then the value is not comparable with published FIDs).
-    """
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        return None, "FID needs torchmetrics and torch-fidelity: pip install 'lowmem-nablagfn[eval]'"
-    if feature is not None:
-        return FrechetInceptionDistance(feature=feature, normalize=True).to(device), \
-            f"features of a custom module ({type(feature).__name__}), not Inception-v3"
-    path = Path(weights).expanduser() if weights else default_inception_weights()
-    if path is None or not path.is_file():
-        missing = f"{weights} does not exist; " if weights else ""
-        return None, (f"FID needs Inception-v3 weights, which are never downloaded here: {missing}download "
-                      f"{INCEPTION_URL} once and pass --inception-weights PATH (or put it in "
-                      f"{Path(torch.hub.get_dir()) / 'checkpoints'}/)")
-    try:
-        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
-    except ModuleNotFoundError:
-        return None, "FID with Inception needs torch-fidelity: pip install 'lowmem-nablagfn[eval]'"
-    return metric.to(device), f"torchmetrics FrechetInceptionDistance, 2048-d Inception-v3 ({path.name})"
-
-
-def summary(values: List[float]) -> Dict[str, Optional[float]]:
-    if not values:
-        return {"mean": None, "std": None}
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+        yield decode_latents(m.parts.vae, traj.final_latents), prompts, [i for i, _ in chunk]
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -394,7 +266,7 @@ def default_output(target: Target) -> Path:
 def write_result(result: dict, out: Path) -> Path:
     """Write the JSON (and ``<stem>_<policy>.png`` sample grids); returns the JSON path."""
     from .checkpoint import atomic_write_text
-    from .trainer import save_grid
+    from .images import save_grid
 
     out.parent.mkdir(parents=True, exist_ok=True)
     previews = result.pop("_previews", {})
@@ -458,10 +330,9 @@ def add_parser(sub) -> None:
     p.add_argument("--save-images", type=int, default=d.save_images, help="images per policy in the sample grids")
     p.add_argument("--out", default=None, help="JSON output (default RUN/eval/eval_<tag>.json or ./eval_<tag>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run_command=run_cli)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from .config import ConfigError
 
     settings = EvalSettings(images_per_prompt=args.images_per_prompt, num_prompts=args.num_prompts,
@@ -487,9 +358,10 @@ def run_cli(args: argparse.Namespace) -> int:
         from .report import refresh_report
 
         refresh_report(target.run_dir)
+    from .distributed import pick_device
+    from .memtrack import peak_memory_gb
     from .summary import eval_summary
-    from .trainer import peak_memory_gb, pick_device
 
     print(format_table(result))
-    print(eval_summary(result, out, peak_memory_gb(pick_device(cfg))))
+    print(eval_summary(result, out, peak_memory_gb(pick_device(cfg.device))))
     return 0

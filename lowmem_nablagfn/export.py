@@ -1,5 +1,5 @@
-"""Finding a run's LoRA and exporting it: diffusers format (what the trainer writes) or the kohya
-format read by AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI.
+"""Exporting a run's LoRA (found by :mod:`~lowmem_nablagfn.targets`): diffusers format (what the
+trainer writes) or the kohya format read by AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI.
 
 kohya naming (SD 1.x, diffusers module paths with ``_`` for ``.``)::
 
@@ -31,75 +31,16 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-from .checkpoint import LORA_FILE, latest_checkpoint
+from .dtypes import STORAGE_DTYPES, to_dtype
+from .targets import load_lora_file, resolve_target
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("kohya", "diffusers")
-
-
-# ----------------------------------------------------------------------------- locating a LoRA
-
-@dataclass
-class Target:
-    """What a user-given path points at.
-
-    Attributes:
-        lora_file: the LoRA safetensors file, or None for the base model.
-        run_dir: the run directory it belongs to, when known.
-        config_file: the run's resolved ``config.json``, when found.
-        tag: a short name for outputs (``lora``, ``epoch-000011``, ``base``, a file stem).
-    """
-
-    lora_file: Optional[Path]
-    run_dir: Optional[Path]
-    config_file: Optional[Path]
-    tag: str
-
-
-def _find_config(start: Path) -> Optional[Path]:
-    """``config.json`` in ``start`` or up to two levels above (run/, run/lora/, run/checkpoints/epoch-N/)."""
-    for d in (start, start.parent, start.parent.parent):
-        if (d / "config.json").is_file():
-            return d / "config.json"
-    return None
-
-
-def resolve_target(target: str) -> Target:
-    """Resolve ``base``, a run directory, a checkpoint or LoRA directory, or a LoRA file.
-
-    A run directory gives its final ``lora/`` when the run finished, else its latest checkpoint.
-    """
-    if target == "base":
-        return Target(None, None, None, "base")
-    path = Path(target).expanduser()
-    if path.is_file():
-        config = _find_config(path.parent)
-        tag = path.parent.name if path.name == LORA_FILE else path.stem
-        return Target(path, config.parent if config else None, config, tag)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{target}: no such file or directory; give a run directory, a checkpoint "
-                                f"directory (runs/NAME/checkpoints/epoch-N), a LoRA directory or file, or 'base'")
-    if (path / LORA_FILE).is_file():
-        config = _find_config(path)
-        return Target(path / LORA_FILE, config.parent if config else None, config, path.name)
-    if (path / "config.json").is_file() or (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            done = sorted(p for p in (path / "checkpoints").glob("epoch-*") if (p / LORA_FILE).is_file())
-            ckpt = done[-1] if done else None
-        lora_dir = path / "lora" if (path / "lora" / LORA_FILE).is_file() else ckpt
-        if lora_dir is None:
-            raise FileNotFoundError(f"run {path} has no LoRA yet (no lora/{LORA_FILE}, no checkpoint)")
-        config = path / "config.json"
-        return Target(lora_dir / LORA_FILE, path, config if config.is_file() else None, lora_dir.name)
-    raise FileNotFoundError(f"{path} holds neither {LORA_FILE} nor a run (config.json, checkpoints/)")
 
 
 # ----------------------------------------------------------------------------- formats
@@ -184,14 +125,6 @@ def sdxl_layers_per_block(config_file: Optional[Path], state: Dict[str, Tensor])
     return 2 if widths == {2048} else None
 
 
-def load_lora_file(path: Path) -> tuple:
-    """(state dict, safetensors metadata) of a LoRA file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-
-
 def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "fp32",
                 alpha: Optional[float] = None) -> Path:
     """Write the LoRA of ``source`` (see :func:`resolve_target`) to ``out`` in ``fmt``.
@@ -205,8 +138,7 @@ def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    storage = to_dtype(dtype, STORAGE_DTYPES)
     target = resolve_target(source)
     if target.lora_file is None:
         raise ValueError("the base model has no LoRA to export; give a run, checkpoint or LoRA path")
@@ -220,7 +152,7 @@ def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "
         if dtype == "fp32" and all(v.dtype == torch.float32 for v in state.values()):
             shutil.copyfile(target.lora_file, out)
             return out
-        save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(out),
+        save_file({k: v.to(storage).contiguous() for k, v in state.items()}, str(out),
                   metadata=metadata or {"format": "pt"})
         return out
     if is_kohya(state):
@@ -232,7 +164,7 @@ def export_lora(source: str, out: str | Path, fmt: str = "kohya", dtype: str = "
             kohya = kohya_to_sgm_names(kohya, layers)
     ranks = sorted({v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")})
     alphas = sorted({float(v) for k, v in kohya.items() if k.endswith(".alpha")})
-    kohya = {k: (v.float() if k.endswith(".alpha") else v.to(DTYPES[dtype])).contiguous()
+    kohya = {k: (v.float() if k.endswith(".alpha") else v.to(storage)).contiguous()
              for k, v in kohya.items()}
     meta = {"format": "pt", "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
@@ -252,14 +184,13 @@ def add_parser(sub) -> None:
     p.add_argument("source", help="run directory, checkpoint directory, LoRA directory or LoRA file")
     p.add_argument("--format", default="kohya", choices=FORMATS, help="output format (default kohya)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+    p.add_argument("--dtype", default="fp32", choices=sorted(STORAGE_DTYPES),
                    help="weight storage (fp16 halves the file; fp32 is lossless)")
     p.add_argument("--alpha", type=float, default=None,
                    help="kohya alpha of every module (default: the rank, i.e. scale alpha/rank = 1)")
-    p.set_defaults(run_command=run_cli)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from .preflight import check_export
 
     problems = check_export(args.out)

@@ -321,5 +321,30 @@ def recording(device: torch.device, existing: Optional[Iterable[torch.Tensor]] =
             _ACTIVE = None
 
 
-__all__ = ["GiB", "LiveBytes", "PhaseStats", "Recorder", "count", "phase", "recording",
-           "recording_active"]
+@contextlib.contextmanager
+def recording_with(live: LiveBytes) -> Iterator[Recorder]:
+    """Record phases from a :class:`LiveBytes` tracker the caller has entered already (the planner
+    traces the executor this way, under a ``FakeTensorMode``): each phase's peak is that tracker's."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("memtrack.recording is already active")
+    rec = Recorder(torch.device("cpu"), live)
+    _ACTIVE = rec
+    try:
+        yield rec
+    finally:
+        _ACTIVE = None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak memory so far in GiB: CUDA allocator peak on a GPU, else the peak resident
+    set size (``ru_maxrss``, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+__all__ = ["GiB", "LiveBytes", "PhaseStats", "Recorder", "count", "peak_memory_gb", "phase", "recording",
+           "recording_active", "recording_with"]

@@ -26,6 +26,60 @@ from .diffusion import reward_weight
 
 
 @dataclass
+class Scores:
+    """Scores of one policy on N rows: ``forward`` = ``s_F(x_{t-1})`` (N, C, H, W); ``reverse`` =
+    ``∇_{x_t} log P_F`` (N, C, H, W), detached, or None (no-flow mode)."""
+
+    forward: Tensor
+    reverse: Optional[Tensor] = None
+
+
+@dataclass
+class RewardGrads:
+    """Raw ``∇R`` w.r.t. the latent (detached) at ``x_{t-1}`` and at ``x_t`` (None: not needed)."""
+
+    next: Tensor
+    cur: Optional[Tensor] = None
+
+
+@dataclass
+class FlowValues:
+    """``g_φ(x_t, t)`` and ``g_φ(x_{t-1}, t-Δ)`` (N, C, H, W), with graphs."""
+
+    cur: Tensor
+    next: Tensor
+
+
+@dataclass
+class Steps:
+    """Per-row schedule values: ``ᾱ`` at the next / current timestep (N,), and ``end`` (N,) bool, the
+    last transition of a trajectory."""
+
+    alpha_next: Tensor
+    alpha_cur: Tensor
+    end: Tensor
+
+
+@dataclass
+class TrustRegion:
+    """The policy's ε at ``x_t`` (with graph) and the ε stored while sampling (N, C, H, W)."""
+
+    eps: Tensor
+    eps_sampled: Tensor
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """β (``reward_scale``), λ_rev, λ_reg and the reward weight's form (``"squared"``: w = ᾱ,
+    ``"sqrt"``: w = √ᾱ)."""
+
+    reward_scale: float
+    reverse_loss_scale: float
+    unet_reg_scale: float
+    reward_adaptive_mode: str = "squared"
+
+
+@dataclass
 class LossTerms:
     """The loss and its parts (scalars); targets are kept for tests and diagnostics."""
 
@@ -37,9 +91,12 @@ class LossTerms:
     target_forward: Tensor
     target_reverse: Tensor
 
+    def tensors(self) -> dict:
+        """The 0-dim terms, detached."""
+        return {f.name: getattr(self, f.name).detach() for f in fields(self) if getattr(self, f.name).dim() == 0}
+
     def scalars(self) -> dict:
-        return {f.name: float(getattr(self, f.name).detach())
-                for f in fields(self) if getattr(self, f.name).dim() == 0}
+        return {k: float(v) for k, v in self.tensors().items()}
 
 
 def _per_row(x: Tensor) -> Tensor:
@@ -50,72 +107,52 @@ def _col(mask: Tensor, like: Tensor) -> Tensor:
     return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def nabla_db_loss(
-    score_next: Tensor,
-    score_next_ref: Tensor,
-    score_cur: Optional[Tensor],
-    score_cur_ref: Optional[Tensor],
-    flow_cur: Optional[Tensor],
-    flow_next: Optional[Tensor],
-    reward_grad_next: Tensor,
-    reward_grad_cur: Optional[Tensor],
-    alpha_next: Tensor,
-    alpha_cur: Tensor,
-    end_mask: Tensor,
-    eps: Tensor,
-    eps_sampled: Tensor,
-    reward_scale: float,
-    reverse_loss_scale: float,
-    unet_reg_scale: float,
-    reward_adaptive_mode: str = "squared",
-    row_norm: Optional[float] = None,
-    end_norm: Optional[float] = None,
-) -> LossTerms:
-    """Residual ∇-DB loss, or the no-flow loss when ``flow_next is None``.
+def nabla_db_loss(*, policy: Scores, reference: Scores, reward: RewardGrads, flow: Optional[FlowValues],
+                  steps: Steps, trust: TrustRegion, weights: LossWeights, row_norm: Optional[float] = None,
+                  end_norm: Optional[float] = None) -> LossTerms:
+    """Residual ∇-DB loss, or the no-flow loss when ``flow is None``.
 
     Args:
-        score_next: (N, C, H, W) ``s_F^θ(x_{t-1})``, with its graph to the policy.
-        score_next_ref: (N, C, H, W) ``s_F^ref(x_{t-1})`` × pretrained_strength, detached.
-        score_cur: (N, C, H, W) ``∇_{x_t} log P_F^θ``, detached (unused in no-flow mode).
-        score_cur_ref: (N, C, H, W) ``∇_{x_t} log P_F^ref`` × pretrained_strength.
-        flow_cur, flow_next: (N, C, H, W) ``g_φ(x_t, t)`` and ``g_φ(x_{t-1}, t-Δ)`` with graphs;
-            ``None`` selects no-flow mode.
-        reward_grad_next, reward_grad_cur: (N, C, H, W) raw ``∇R`` w.r.t. the latent.
-        alpha_next, alpha_cur: (N,) ``ᾱ`` at the next / current timestep.
-        end_mask: (N,) bool, the last transition of a trajectory.
-        eps, eps_sampled: (N, C, H, W) policy output (with graph) and the stored sampling output.
-        reward_scale, reverse_loss_scale, unet_reg_scale: β, λ_rev, λ_reg.
-        reward_adaptive_mode: ``"squared"`` (w = ᾱ) or ``"sqrt"`` (w = √ᾱ).
+        policy: ``s_F^θ(x_{t-1})`` with its graph to the policy; ``∇_{x_t} log P_F^θ`` detached
+            (unused in no-flow mode).
+        reference: the reference scores × pretrained_strength, detached.
+        reward: raw reward gradients; ``reward.cur`` is needed with a flow.
+        flow: the flow model's outputs with graphs, or None (no-flow mode).
+        steps: ``ᾱ`` per row and the last-transition mask.
+        trust: ε of the policy and of the sampler, for the trust-region term.
+        weights: β, λ_rev, λ_reg (λ_rev is ignored without a flow) and the reward weight's form.
         row_norm: divisor of the row sums (default N).
         end_norm: divisor of the terminal sum (default n_end + 1e-6).
     """
-    no_flow = flow_next is None
+    no_flow = flow is None
+    score_next, end = policy.forward, steps.end
     n = score_next.shape[0]
     row_norm = float(n) if row_norm is None else row_norm
-    end_norm = float(end_mask.sum()) + 1e-6 if end_norm is None else end_norm
-    not_end = _col(~end_mask, score_next)
+    end_norm = float(end.sum()) + 1e-6 if end_norm is None else end_norm
+    not_end = _col(~end, score_next)
 
     def reward_score(grad: Tensor, alpha: Tensor) -> Tensor:
-        w = reward_weight(alpha.to(grad.dtype), reward_adaptive_mode).view(-1, *([1] * (grad.dim() - 1)))
-        return reward_scale * w * grad
+        w = reward_weight(alpha.to(grad.dtype), weights.reward_adaptive_mode).view(-1, *([1] * (grad.dim() - 1)))
+        return weights.reward_scale * w * grad
 
-    target_forward = score_next_ref + reward_score(reward_grad_next, alpha_next)
+    target_forward = reference.forward + reward_score(reward.next, steps.alpha_next)
     if not no_flow:
-        target_forward = target_forward + not_end * flow_next
+        target_forward = target_forward + not_end * flow.next
     forward = _per_row((score_next - target_forward) ** 2).sum() / row_norm
 
     zero = score_next.new_zeros(())
     if no_flow:
-        if score_cur_ref is not None and reward_grad_cur is not None:
-            target_reverse = not_end * (score_cur_ref - reward_score(reward_grad_cur, alpha_cur))
+        if reference.reverse is not None and reward.cur is not None:
+            target_reverse = not_end * (reference.reverse - reward_score(reward.cur, steps.alpha_cur))
         else:
             target_reverse = torch.zeros_like(score_next)
         reverse, terminal = zero, zero
     else:
-        target_reverse = not_end * (score_cur_ref - flow_cur - reward_score(reward_grad_cur, alpha_cur))
-        reverse = _per_row((score_cur - target_reverse) ** 2).sum() / row_norm
-        terminal = (_per_row(flow_next**2) * end_mask.to(flow_next.dtype)).sum() / end_norm
+        target_reverse = not_end * (reference.reverse - flow.cur - reward_score(reward.cur, steps.alpha_cur))
+        reverse = _per_row((policy.reverse - target_reverse) ** 2).sum() / row_norm
+        terminal = (_per_row(flow.next**2) * end.to(flow.next.dtype)).sum() / end_norm
 
-    reg = _per_row((eps - eps_sampled) ** 2).sum() / row_norm
-    loss = forward + reverse_loss_scale * reverse + terminal + unet_reg_scale * reg
+    reg = _per_row((trust.eps - trust.eps_sampled) ** 2).sum() / row_norm
+    reverse_scale = 0.0 if no_flow else weights.reverse_loss_scale
+    loss = forward + reverse_scale * reverse + terminal + weights.unet_reg_scale * reg
     return LossTerms(loss, forward, reverse, terminal, reg, target_forward, target_reverse)

@@ -1,16 +1,16 @@
 """``lowmem-nablagfn profile``: run a few updates of a configuration and report, per phase, peak
 memory, time and throughput.
 
-A *round* is what :func:`~lowmem_nablagfn.trainer.train` does per epoch, cut to one optimiser update:
-sample (encode, sampling, final reward) while holding the previous round's samples (the official
-one-epoch lag), then one update on them (reward-gradient passes, reference pass, training pass,
-optimiser).  One unrecorded warm-up round comes first (optimiser state, allocator caches), then
-``updates`` recorded rounds.  The phases are the ``memtrack.phase`` marks placed in
-:mod:`~lowmem_nablagfn.memory` and :mod:`~lowmem_nablagfn.trainer`; on CUDA their peaks come from the
-allocator (``max_memory_allocated``, reset at each phase boundary), on the CPU from a
-:class:`~lowmem_nablagfn.memtrack.LiveBytes` tracker that starts from the bytes of every model,
-optimiser state and stored sample.  A phase's peak is the whole process's live total, not the
-phase's own increment.
+A *round* is one epoch of :func:`~lowmem_nablagfn.loop.run_epoch` — the body of the training loop
+itself — with the fewest sampling batches that hold one optimiser update: sample (encode, sampling,
+final reward) while holding the previous round's samples (the official one-epoch lag), then the
+update(s) on them (the memory plan's phases, then the optimiser).  One unrecorded warm-up round comes
+first (optimiser state, allocator caches), then ``updates`` recorded rounds.  The phases are the
+``memtrack.phase`` marks of the memory plan's executor (:mod:`~lowmem_nablagfn.memory`) and of
+:mod:`~lowmem_nablagfn.loop`; on CUDA their peaks come from the allocator (``max_memory_allocated``,
+reset at each phase boundary), on the CPU from a :class:`~lowmem_nablagfn.memtrack.LiveBytes` tracker
+that starts from the bytes of every model, optimiser state and stored sample.  A phase's peak is the
+whole process's live total, not the phase's own increment.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import memtrack, results
-from .config import Config, to_dict
+from .config import Config, add_config_arguments, to_dict
 from .memtrack import GiB
 from .sampling import Conditioning, as_conditioning
 
@@ -52,36 +52,30 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
                 components=None) -> dict:
     """Warm up, then record ``updates`` rounds; returns the per-phase statistics and throughputs.
 
-    ``components``: already built :class:`~lowmem_nablagfn.trainer.Components` of ``cfg`` (several
-    measurements sharing one model load: benchmarks/gpu_validate.py); default: ``trainer.setup(cfg)``."""
-    from . import trainer as T
-    from .sampling import Trajectories
+    A round is one epoch of :func:`~lowmem_nablagfn.loop.run_epoch` — the training loop's own body —
+    cut to the fewest sampling batches that hold one optimiser update (a sampling batch larger than
+    an update trains all its trajectories: ``updates_per_round`` updates).
+    ``components``: already built :class:`~lowmem_nablagfn.loop.Components` of ``cfg`` (several
+    measurements sharing one model load: benchmarks/gpu_validate.py); default: ``loop.setup(cfg)``."""
+    from . import loop
 
-    c = T.setup(cfg) if components is None else components
-    t = cfg.training
-    per_update = t.batch_size * t.gradient_accumulation_steps
-    lag = not t.on_policy
-    epoch = [0]
+    cfg = one_update_per_epoch(cfg)
+    c = loop.setup(cfg) if components is None else components
+    c.cfg = cfg
+    per_round = loop.updates_per_epoch(cfg)
+    t0 = time.perf_counter()
+    epoch = -1 if not cfg.training.on_policy else 0
+    buffer = None
+    if epoch < 0:  # the lagged loop's epoch -1 only samples
+        buffer, _ = loop.run_epoch(c, epoch, None)
+        epoch += 1
 
-    def sample_round():
-        parts, n = [], 0
-        while n < per_update:  # enough trajectories for one update, whatever the epoch size
-            parts.append(T.sample_epoch(c, epoch[0]))
-            epoch[0] += 1
-            n += parts[-1].batch_size
-        data = Trajectories.cat(parts)
-        return data.select(torch.arange(per_update)) if data.batch_size > per_update else data
-
-    def one_round(buffer):
-        with memtrack.phase("round_sample"):
-            fresh = sample_round()
-        data = buffer if lag else fresh
-        with memtrack.phase("round_update"):
-            T.train_epoch(c, data, epoch[0])
+    def one_round(buf):
+        nonlocal epoch
+        fresh, _ = loop.run_epoch(c, epoch, buf)
+        epoch += 1
         return fresh
 
-    t0 = time.perf_counter()
-    buffer = sample_round() if lag else None
     for _ in range(warmup):
         buffer = one_round(buffer)
     warm_s = time.perf_counter() - t0
@@ -115,16 +109,30 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
     images = ph["sampling"].items if "sampling" in ph else 0
     transitions = ph["train"].items if "train" in ph else 0
     summary = {
-        "device": str(c.device), "machine": results.machine(threads=True), "updates": updates, "warmup_s": warm_s,
+        "device": str(c.device), "machine": results.machine(threads=True), "updates": updates,
+        "updates_per_round": per_round, "warmup_s": warm_s,
         "peak_gib": overall / GiB, "start_gib": start_bytes / GiB,
         "reserved_peak_gib": None if reserved is None else reserved / GiB,
         "images_per_s": images / sample_s if sample_s else None,
         "transitions_per_s": transitions / update_s if update_s else None,
-        "s_per_update": update_s / updates, "sample_s_per_round": ph["round_sample"].seconds / updates,
+        "s_per_update": update_s / (updates * per_round), "sample_s_per_round": ph["round_sample"].seconds / updates,
         "memory_source": "torch.cuda.max_memory_allocated" if c.device.type == "cuda" else "memtrack.LiveBytes",
         "trace": trace_file,
     }
     return {"summary": summary, "phases": {n: s.as_dict() for n, s in ph.items()}, "config": to_dict(cfg)}
+
+
+def one_update_per_epoch(cfg: Config) -> Config:
+    """``cfg`` with the smallest epoch that still holds one optimiser update (profiling rounds)."""
+    import copy
+
+    s, t = cfg.sampling, cfg.training
+    per_update = t.batch_size * t.gradient_accumulation_steps
+    if per_update % s.batch_size or s.batch_size * s.num_batches_per_epoch <= per_update:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.sampling.num_batches_per_epoch = per_update // s.batch_size
+    return out
 
 
 def phase_table(result: dict, predicted: Optional[Dict[str, float]] = None) -> str:
@@ -162,10 +170,25 @@ def summary_line(result: dict) -> str:
             f"per update ({s['updates']} recorded after warm-up); device {s['device']}")
 
 
-def main(cfg: Config, args) -> int:
-    """The CLI subcommand (see :mod:`lowmem_nablagfn.cli`)."""
+def add_parser(subparsers) -> None:
+    """``lowmem-nablagfn profile``: its flags (the contract of :mod:`lowmem_nablagfn.cli`)."""
+    p = subparsers.add_parser("profile", help="run a few updates; per-phase peak memory, time, throughput")
+    add_config_arguments(p)
+    p.add_argument("--updates", type=int, default=2, help="recorded updates (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up rounds")
+    p.add_argument("--trace", metavar="DIR", help="also write a torch.profiler trace to DIR/trace.json")
+    p.add_argument("--json", metavar="PATH", help="write the result here (default RUN_DIR/profile.json)")
+    p.add_argument("--compare-plan", action="store_true", help="show the planner's prediction per phase")
+    p.add_argument("--results", metavar="PATH",
+                   help="markdown file to append to (default ./benchmarks/RESULTS.md when ./benchmarks exists)")
+    p.add_argument("--no-results", action="store_true", help="do not append to a results file")
+
+
+def run(args) -> int:
+    """``lowmem-nablagfn profile``: ``args.cfg`` is the loaded, checked configuration."""
     import sys
 
+    cfg = args.cfg
     result = run_profile(cfg, updates=args.updates, warmup=args.warmup,
                          trace_dir=Path(args.trace) if args.trace else None)
     predicted = None
@@ -186,13 +209,13 @@ def main(cfg: Config, args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"profile written to {out}")
-    if not args.no_results:
-        path = Path(args.results) if args.results else results.RESULTS
-        if path.parent.is_dir():
-            command = "lowmem-nablagfn " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    if not args.no_results:  # where the user runs, never inside the installed package
+        path = Path(args.results) if args.results else results.default_results()
+        if path is not None and path.parent.is_dir():
+            command = "lowmem-nablagfn " + " ".join(sys.argv[1:])
             results.append_results(path, f"Profile: {args.preset}", command, table, line, threads=True)
             print(f"appended to {path}")
     return 0
 
 
-__all__ = ["main", "phase_table", "run_profile", "summary_line"]
+__all__ = ["add_parser", "phase_table", "run", "run_profile", "summary_line"]

@@ -356,10 +356,9 @@ def refresh_report(run_dir: str | Path, force: bool = False) -> Optional[Path]:
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="(re)write RUN/report.html: curves, sample grids, config, evaluations")
     p.add_argument("run_dir", help="run directory")
-    p.set_defaults(run_command=run_cli)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
         print(f"lowmem-nablagfn report: {run_dir} is not a directory", file=sys.stderr)

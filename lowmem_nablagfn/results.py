@@ -1,16 +1,25 @@
-"""Recording measurements: the machine's description and dated sections of ``benchmarks/RESULTS.md``
-(one format for the ``profile`` command and the scripts in ``benchmarks/``)."""
+"""Recording measurements: the machine's description and dated sections of a ``RESULTS.md`` (one format
+for the ``profile`` command and the scripts in ``benchmarks/``).
+
+Results are written where the user runs — ``./benchmarks/RESULTS.md`` when the current directory has a
+``benchmarks/`` (a checkout of this repository), or a path given explicitly (``profile --results``; the
+benchmark scripts pass their own directory's file) — never inside the installed package."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
+
+def default_results(cwd: Optional[Path] = None) -> Optional[Path]:
+    """``benchmarks/RESULTS.md`` under ``cwd`` (default: the current directory) when that directory
+    has a ``benchmarks/``, else None (nothing is appended)."""
+    bench = (Path.cwd() if cwd is None else Path(cwd)) / "benchmarks"
+    return bench / "RESULTS.md" if bench.is_dir() else None
 
 
 def cpu_name() -> str:

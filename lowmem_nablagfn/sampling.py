@@ -91,8 +91,6 @@ class Conditioning:
 
 Cond = Union[Tensor, Conditioning]
 EpsFn = Callable[[Tensor, Tensor, Cond], Tensor]
-#: ``memory.transition_dtype`` -> storage dtype of the kept transitions (trainer and planner)
-TRANSITION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def as_conditioning(cond: Cond) -> Conditioning:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import small_config  # noqa: E402
 
 from lowmem_nablagfn import distributed as dist  # noqa: E402
+from lowmem_nablagfn import loop as L  # noqa: E402
 from lowmem_nablagfn import trainer as T  # noqa: E402
 
 TOTAL = 8   # trajectories per update, all ranks together
@@ -56,24 +57,24 @@ def equivalence(out: Path, backend: str, world: int, setting: str) -> dict:
     cfg = small_config(out, f"sampling.batch_size={TOTAL}", f"training.batch_size={batch}",
                        f"training.gradient_accumulation_steps={ACCUM}", *BACKENDS[backend],
                        *SETTINGS[setting], name=f"equiv-{setting}-{backend}-{world}")
-    seed = T.epoch_seed
-    T.epoch_seed = lambda cfg, epoch, purpose: 1000 + 10 * epoch + purpose  # the same data on every rank
+    seed = L.epoch_seed
+    L.epoch_seed = lambda cfg, epoch, purpose: 1000 + 10 * epoch + purpose  # the same data on every rank
     try:
-        c = T.setup(cfg)
+        c = L.setup(cfg)
         assert dist.world_size() == world, (dist.world_size(), world)
         before = trainable_state(c)
-        data = T.sample_epoch(c, 0)
+        data = L.sample_epoch(c, 0)
         share = TOTAL // world
         mine = data.select(torch.arange(dist.rank() * share, (dist.rank() + 1) * share))
-        steps = []
-        c.step_hooks.append(lambda: steps.append(1))
+        steps, real_step = [], c.sync.step
+        c.sync.step = lambda: (steps.append(1), real_step())[1]  # count the optimiser updates
         for epoch in range(EPOCHS):
-            T.train_epoch(c, mine, epoch)
+            L.train_epoch(c, mine, epoch)
         assert len(steps) == EPOCHS, steps
         after = trainable_state(c)
         c.sync.close()
     finally:
-        T.epoch_seed = seed
+        L.epoch_seed = seed
     return {"before": before, "after": after}
 
 

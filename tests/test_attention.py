@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowmem_nablagfn import models, planner
-from lowmem_nablagfn import trainer as T
+from lowmem_nablagfn import loop as T
 from lowmem_nablagfn.config import ConfigError, load_config, validate
 
 from helpers import small_config

@@ -79,8 +79,10 @@ def test_cli_reports_errors_before_building_models(capsys):
 
 
 def test_presets_and_data_ship_inside_the_package():
-    """A non-editable install must find the presets, the planner profiles and the prompt sets: they live
-    in the package directory and pyproject's package-data names them."""
+    """A non-editable install must find the presets, the planner profiles and the prompt sets: the
+    presets' source is the top-level ``configs/`` (setup.py installs it as ``lowmem_nablagfn/configs/``),
+    the rest lives in the package directory, and pyproject's package-data names them all
+    (test_install.py builds the wheel and uses it)."""
     import fnmatch
     import tomllib
     from pathlib import Path
@@ -89,9 +91,11 @@ def test_presets_and_data_ship_inside_the_package():
     from lowmem_nablagfn.config import PRESET_DIR, list_presets
 
     pkg = Path(lowmem_nablagfn.__file__).resolve().parent
-    assert PRESET_DIR.parent == pkg and "tiny_cpu" in list_presets()
-    patterns = tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["lowmem_nablagfn"]
+    assert PRESET_DIR == pkg.parent / "configs" and "tiny_cpu" in list_presets()
+    package_data = tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert package_data["lowmem_nablagfn.configs"] == ["*.yaml"]
+    assert 'package_dir={"lowmem_nablagfn.configs": "configs"}' in (pkg.parent / "setup.py").read_text()
+    patterns = package_data["lowmem_nablagfn"]
     data = [p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".csv", ".txt")
             and "__pycache__" not in p.parts]
     assert data

@@ -9,9 +9,9 @@ from torch import nn
 from lowmem_nablagfn.checkpoint import save_lora
 from lowmem_nablagfn.cli import main
 from lowmem_nablagfn.config import load_config, to_dict
-from lowmem_nablagfn.evaluate import (EvalSettings, build_fid, eval_config, evaluate, format_table,
-                                      mean_pairwise_cosine_distance)
-from lowmem_nablagfn.export import resolve_target
+from lowmem_nablagfn.evaluate import EvalSettings, eval_config, evaluate, format_table
+from lowmem_nablagfn.image_metrics import build_fid, mean_pairwise_cosine_distance
+from lowmem_nablagfn.targets import resolve_target
 
 FAST = ["sampling.num_steps=4", "model.timestep_fraction=0.25", "sampling.resolution=64", "device=cpu"]
 
@@ -21,11 +21,11 @@ def run_dir(tmp_path_factory):
     """A run directory as train() leaves it (config.json, lora/), with a random non-zero LoRA."""
     from diffusers import UNet2DConditionModel
 
-    from lowmem_nablagfn.models import _tiny_configs, add_lora
+    from lowmem_nablagfn.models import add_lora, builtin_configs
 
     run = tmp_path_factory.mktemp("eval") / "run"
     cfg = load_config("tiny_cpu", FAST + [f"logging.output_dir={run.parent}", "logging.run_name=run"])
-    unet = UNet2DConditionModel(**_tiny_configs()["unet"])  # the LoRA's names depend only on the UNet's shape
+    unet = UNet2DConditionModel(**builtin_configs("tiny")["unet"])  # the LoRA's names depend only on the UNet's shape
     add_lora(unet, cfg.model.lora.rank, cfg.model.lora.target_modules, "gaussian", seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

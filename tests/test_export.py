@@ -7,7 +7,8 @@ import torch
 
 from lowmem_nablagfn.checkpoint import LORA_FILE, save_lora
 from lowmem_nablagfn.cli import main
-from lowmem_nablagfn.export import diffusers_to_kohya, export_lora, load_lora_file, resolve_target
+from lowmem_nablagfn.export import diffusers_to_kohya, export_lora
+from lowmem_nablagfn.targets import load_lora_file, resolve_target
 from lowmem_nablagfn.models import add_lora, build_random_sd, save_sd
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -60,7 +60,7 @@ def test_readme_names_no_withdrawn_repository():
 def test_quiet_start_no_optional_dependency_noise():
     """Building the default job's models prints nothing on stderr (bitsandbytes, imported by diffusers
     and peft whenever installed, warns about a 4-bit kernel package on some CPUs)."""
-    code = ("from lowmem_nablagfn.config import load_config; from lowmem_nablagfn.trainer import setup; "
+    code = ("from lowmem_nablagfn.config import load_config; from lowmem_nablagfn.loop import setup; "
             "import tempfile; setup(load_config('tiny_cpu', ['logging.output_dir=' + tempfile.mkdtemp(), "
             "'logging.tensorboard=false']))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowmem_nablagfn import trainer as T
+from lowmem_nablagfn import loop as L
 from lowmem_nablagfn.diffusion import reverse_score
 from lowmem_nablagfn.distributed import DataParallel
 from lowmem_nablagfn.memory import LossScaler, accumulate_gradients, reward_grad_at
@@ -46,8 +46,10 @@ def models():
     Returns {"no" | "fp16": UpdateContext (eps and reward gradients shrunk by SHRINK)} and rows.
     """
     from lowmem_nablagfn.diffusion import make_schedule
-    from lowmem_nablagfn.memory import ObjectiveSettings, Rows, UpdateContext
-    from lowmem_nablagfn.models import add_lora, freeze, load_sd
+    import functools
+
+    from lowmem_nablagfn.memory import ObjectiveSettings, Rows, UpdateContext, UpdateFns
+    from lowmem_nablagfn.models import add_lora, freeze, load_sd, reference_policy
     from lowmem_nablagfn.rewards import build_reward
     from lowmem_nablagfn.config import RewardConfig
     from lowmem_nablagfn.sampling import cfg_eps_fn
@@ -65,10 +67,10 @@ def models():
             if "lora_B" in name:
                 p.data.copy_(0.05 * torch.randn(p.shape, generator=gen))
         uncond = torch.zeros(1, 77, 32)
-        ctx = UpdateContext(eps_fn=shrink(cfg_eps_fn(parts.unet, uncond, 5.0), SHRINK_EPS), unet=parts.unet,
-                            flow_model=None, latent_reward=shrink(T.make_latent_reward(parts.vae, reward), SHRINK_REWARD),
-                            sched=sched,
-                            settings=ObjectiveSettings(1e3, 0.0, 1.0))
+        eps = shrink(cfg_eps_fn(parts.unet, uncond, 5.0), SHRINK_EPS)
+        fns = UpdateFns(eps, eps, None, shrink(L.make_latent_reward(parts.vae, reward), SHRINK_REWARD),
+                        functools.partial(reference_policy, parts.unet))
+        ctx = UpdateContext(fns, sched, ObjectiveSettings(1e3, 0.0, 1.0))
         out[precision] = (ctx, lora)
     gen = torch.Generator().manual_seed(1)
     n = 2
@@ -88,7 +90,7 @@ def lora_grads(ctx, lora, rows, scaler):
     """Training backward of a policy loss through the fp16 UNet, unscaled as DataParallel.step does."""
     for p in lora:
         p.grad = None
-    eps = ctx.eps_fn(rows.x, ctx.sched.timesteps[rows.step_index], rows.cond)
+    eps = ctx.fns.eps(rows.x, ctx.sched.timesteps[rows.step_index], rows.cond)
     scaler.backward(((eps - rows.eps_sampled) ** 2).mean())
     scaler.unscale_grads_(lora)
     return torch.cat([p.grad.reshape(-1) for p in lora])
@@ -125,7 +127,7 @@ def test_reverse_score_pass_underflows_unscaled_and_matches_fp32_scaled(models):
 
         sched = replace(ctx.sched, c_x=torch.zeros_like(ctx.sched.c_x))  # no c_x u term: the VJP alone
         x = rows.x.detach().requires_grad_(True)
-        eps = ctx.eps_fn(x, sched.timesteps[rows.step_index], rows.cond)
+        eps = ctx.fns.eps(x, sched.timesteps[rows.step_index], rows.cond)
         return reverse_score(sched, rows.step_index, x, eps, rows.x_next, grad_scale=grad_scale)
 
     ref = vjp_part(out["no"][0], 1.0)
@@ -138,6 +140,8 @@ def test_every_backward_of_an_update_runs_scaled(models, monkeypatch):
     """accumulate_gradients (optimized and official schedules): the reward-score passes, the reverse
     scores and the training backward all go through the context's scaler."""
     import lowmem_nablagfn.memory as M
+    from lowmem_nablagfn.config import MemoryConfig
+    from lowmem_nablagfn.memory import passes as P
 
     out, rows = models
     ctx, lora = out["no"]  # the wiring, not the precision, is under test here (fp32 is faster on a CPU)
@@ -149,16 +153,18 @@ def test_every_backward_of_an_update_runs_scaled(models, monkeypatch):
             seen[_name] += 1
             return _fn(*a, **k)
         monkeypatch.setattr(scaler, name, spy)
-    real = M.reverse_score
-    monkeypatch.setattr(M, "reverse_score", lambda *a, **k: (seen["grad_scale"].append(k.get("grad_scale")),
+    real = P.reverse_score
+    monkeypatch.setattr(P, "reverse_score", lambda *a, **k: (seen["grad_scale"].append(k.get("grad_scale")),
                                                              real(*a, **k))[1])
-    flow = __import__("lowmem_nablagfn.models", fromlist=["x"]).build_flow_model(4, 8, 32, [16, 32])
+    flow_model = __import__("lowmem_nablagfn.models", fromlist=["x"]).build_flow_model(4, 8, 32, [16, 32])
+    flow = lambda x, t, embeds: flow_model(x, t, encoder_hidden_states=embeds).sample  # noqa: E731
     for mode in ("optimized", "official"):
         from dataclasses import replace
 
-        c = replace(ctx, scaler=scaler, flow_model=flow, mode=mode,
+        c = replace(ctx, fns=replace(ctx.fns, flow=flow), scaler=scaler,
+                    plan=M.build_plan(MemoryConfig(mode=mode), residual=True),
                     settings=replace(ctx.settings, reverse_loss_scale=1.0))
-        accumulate_gradients(c, rows, float(len(rows)), 1e-6, scale=1.0)
+        accumulate_gradients(c, rows, row_norm=float(len(rows)), end_norm=1e-6, scale=1.0)
     assert seen["input_grad"] >= 4 and seen["backward"] >= 2  # r_next, r_cur per schedule; training loss
     assert seen["grad_scale"] and all(g == scaler.scale == 2.0**16 for g in seen["grad_scale"])
 
@@ -175,7 +181,7 @@ def _components(scaler, limit=3):
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     opt = torch.optim.AdamW([{"params": [p], "name": "lora"}], lr=0.1)
     sync = DataParallel(opt, max_grad_norm=1.0, scaler=scaler)
-    c = SimpleNamespace(sync=sync, nonfinite_streak=0, step_hooks=[],
+    c = SimpleNamespace(sync=sync, nonfinite_streak=0, optimizer_steps=0,
                         cfg=SimpleNamespace(training=SimpleNamespace(max_nonfinite_updates=limit)))
     return c, p, opt
 
@@ -185,12 +191,12 @@ def test_overflow_skips_the_update_and_lowers_the_scale():
     c, p, opt = _components(scaler)
     before = p.detach().clone()
     p.grad = torch.tensor([1.0, float("inf"), 0.0])
-    assert T.guarded_step(c, 0, 0, []) == {"skipped_overflow": 1.0}
+    assert L.guarded_step(c, 0, 0, []) == {"skipped_overflow": 1.0}
     assert torch.equal(p.detach(), before) and not opt.state and p.grad is None
     assert scaler.scale == 2.0**15 and c.nonfinite_streak == 0
     scaler.found_inf = True  # an input-gradient pass overflowed: skipped too, though grads are finite
     p.grad = torch.ones(3)
-    assert T.guarded_step(c, 0, 1, []) == {"skipped_overflow": 1.0} and scaler.scale == 2.0**14 and not opt.state
+    assert L.guarded_step(c, 0, 1, []) == {"skipped_overflow": 1.0} and scaler.scale == 2.0**14 and not opt.state
 
 
 def test_step_takes_exactly_one_optimiser_step_on_unscaled_gradients():
@@ -202,14 +208,14 @@ def test_step_takes_exactly_one_optimiser_step_on_unscaled_gradients():
     calls = []
     opt.step = (lambda step: lambda *a, **k: (calls.append(1), step(*a, **k))[1])(opt.step)
     p.grad = g * scaler.scale  # what a scaled backward accumulates
-    stats = T.guarded_step(c, 0, 0, [])
+    stats = L.guarded_step(c, 0, 0, [])
     ref_p.grad = g.clone()
     ref.step()
     assert calls == [1] and opt.state[p]["step"] == 1
     assert torch.equal(p.detach(), ref_p.detach())  # unscaling by a power of two is exact
     assert stats["loss_scale"] == 2.0**10 and stats["grad_norm/lora"] == pytest.approx(float(g.norm()))
     p.grad = g * scaler.scale
-    assert T.guarded_step(c, 0, 1, [])["loss_scale"] == 2.0**11  # growth_interval good updates: doubled
+    assert L.guarded_step(c, 0, 1, [])["loss_scale"] == 2.0**11  # growth_interval good updates: doubled
 
 
 def test_a_true_non_finite_value_still_stops_the_run():
@@ -221,7 +227,7 @@ def test_a_true_non_finite_value_still_stops_the_run():
     with pytest.raises(NonFiniteError):
         for i in range(10):
             p.grad = torch.full((3,), float("nan"))
-            T.guarded_step(c, 0, i, [])
+            L.guarded_step(c, 0, i, [])
     assert i == 3 and scaler.scale == 1.0  # 4 -> 2 -> 1 (two skips), then two counted failures
 
 
@@ -247,6 +253,6 @@ def test_trainer_wires_the_scaler_for_fp16_only(tmp_path):
     """setup: fp16 gets an enabled scaler, shared by the update context (every backward) and the
     gradient synchroniser (unscale before clipping); bf16 / fp32 get a disabled one."""
     for precision, enabled in (("fp16", True), ("no", False)):
-        c = T.setup(small_config(tmp_path, f"training.mixed_precision={precision}", name=precision))
-        assert c.sync.scaler.enabled is enabled and T.update_context(c).scaler is c.sync.scaler
+        c = L.setup(small_config(tmp_path, f"training.mixed_precision={precision}", name=precision))
+        assert c.sync.scaler.enabled is enabled and L.update_context(c).scaler is c.sync.scaler
         c.sync.close()

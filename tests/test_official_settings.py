@@ -123,9 +123,10 @@ def test_timestep_fraction_advice_validates():
         validate(load_config("tiny_cpu", ["sampling.num_steps=20", "model.timestep_fraction=0"]))
     import inspect
 
-    from lowmem_nablagfn import config
+    from lowmem_nablagfn.config import loading, schema, validation
 
-    assert "0.4 for 20" not in inspect.getsource(config)
+    for module in (loading, schema, validation):
+        assert "0.4 for 20" not in inspect.getsource(module)
 
 
 def test_kept_transitions_are_stored_in_fp32_by_default(tmp_path):
@@ -135,16 +136,17 @@ def test_kept_transitions_are_stored_in_fp32_by_default(tmp_path):
     import torch
 
     from lowmem_nablagfn import planner
-    from lowmem_nablagfn import trainer as T
+    from lowmem_nablagfn import loop as L
+    from lowmem_nablagfn.memory import Rows
 
     from helpers import small_config
 
-    c = T.setup(small_config(tmp_path, "training.mixed_precision=no", "sampling.batch_size=2"))
+    c = L.setup(small_config(tmp_path, "training.mixed_precision=no", "sampling.batch_size=2"))
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         c.cfg.memory.transition_dtype = dtype  # sample_epoch reads it at every call
-        data = T.sample_epoch(c, 0)
+        data = L.sample_epoch(c, 0)
         assert data.latents.dtype == data.next_latents.dtype == data.eps_sampled.dtype == want
-        assert T.flatten(data, c.sched.num_steps, c.device).x.dtype == torch.float32
+        assert Rows.from_trajectories(data, c.sched.num_steps, c.device).x.dtype == torch.float32
     c.sync.close()
     cfg = load_config("sd15_rtx4090")
     profile = planner.Profile(cfg, allow_trace=False)

@@ -80,6 +80,26 @@ def test_official_baseline_against_one_graph_for_the_batch():
     assert (base.memory.mode, base.memory.checkpoint_unet, base.memory.store_only_trained) == ("official", False, False)
 
 
+@pytest.mark.parametrize("mode", ["optimized", "naive", "official"])
+@pytest.mark.parametrize("no_flow", [False, True], ids=["residual", "no_flow"])
+def test_prediction_costs_the_executors_plan(mode, no_flow):
+    """The planner's training phases are the phases of memory.build_plan, in its order (shipped tiny trace)."""
+    from lowmem_nablagfn.memory import build_plan
+
+    cfg = load_config("tiny_cpu", [f"memory.mode={mode}", f"model.no_flow={no_flow}"])
+    pred = planner.predict(cfg, planner.Profile(cfg, cache=False, allow_trace=False))
+    trained = [n for n in pred.phases if n not in ("encode", "sampling", "final_reward", "optimizer")]
+    assert trained == [ph.name for ph in build_plan(cfg.memory, residual=not no_flow).phases]
+
+
+def test_sdxl_official_baseline_from_the_shipped_trace():
+    """``plan --table`` shows the official schedule's peak for SDXL as for SD 1.5, from the shipped trace."""
+    cfg = load_config("sdxl_rtx4090")
+    profile = planner.Profile(cfg, cache=False, allow_trace=False)
+    official = planner.predict(planner.official_baseline(cfg), profile)
+    assert official.peak > 2 * planner.predict(cfg, profile).peak
+
+
 def test_gpu_allowances_context_and_minimum_slack(tmp_path):
     """On a GPU the phases add cuDNN workspace and attention scratch; a card must hold the reserved
     bytes, the CUDA context of its class and the minimum slack."""
@@ -168,7 +188,7 @@ def test_proposal_fits_and_is_a_valid_configuration(tmp_path):
 
 def test_train_refuses_a_configuration_that_does_not_fit(tmp_path, monkeypatch, capsys):
     args = ["train", "--preset", "tiny_cpu", *SMALL, f"logging.output_dir={tmp_path}", "device=auto"]
-    monkeypatch.setattr(planner, "cuda_vram_gib", lambda: 0.02)  # pretend: a CUDA card of 20 MiB
+    monkeypatch.setattr(planner.gpu, "cuda_vram_gib", lambda: 0.02)  # pretend: a CUDA card of 20 MiB
     assert cli.main(args) == 3
     err = capsys.readouterr().err
     assert "predicted not to fit" in err and "--force" in err
@@ -243,9 +263,9 @@ def test_vae_encoder_is_not_counted_on_an_accelerator(tmp_path):
 
     gpu = load_config("tiny_cpu", ["device=cuda"])
     m = planner.build_meta(gpu)
-    enc = sum(planner._nbytes(e) for e in vae_encoder_modules(m.vae))
+    enc = sum(planner.nbytes(e) for e in vae_encoder_modules(m.vae))
     assert enc > 0 and {type(e).__name__ for e in vae_encoder_modules(m.vae)} == {"Encoder", "Conv2d"}
     cpu = load_config("tiny_cpu", [])
-    assert planner.static_sizes(cpu, m)["vae"] == planner._nbytes(m.vae)
-    assert planner.static_sizes(gpu, m)["vae"] == planner._nbytes(m.vae) - enc
-    assert planner.static_sizes(gpu, m)["vae"] == planner._nbytes(m.vae.decoder) + planner._nbytes(m.vae.post_quant_conv)
+    assert planner.static_sizes(cpu, m)["vae"] == planner.nbytes(m.vae)
+    assert planner.static_sizes(gpu, m)["vae"] == planner.nbytes(m.vae) - enc
+    assert planner.static_sizes(gpu, m)["vae"] == planner.nbytes(m.vae.decoder) + planner.nbytes(m.vae.post_quant_conv)

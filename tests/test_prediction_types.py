@@ -97,7 +97,7 @@ def test_trainer_uses_the_loaded_models_schedule(tmp_path):
     policy's ε is the converted v."""
     from lowmem_nablagfn.config import load_config
     from lowmem_nablagfn.models import build_random_sd, save_sd
-    from lowmem_nablagfn.trainer import policy_eps_fn, setup
+    from lowmem_nablagfn.loop import policy_eps_fn, setup
 
     parts = build_random_sd("tiny")
     parts.scheduler_config = {**SD_SCHEDULER_CONFIG, **BETAS["linear"], "prediction_type": "v_prediction"}

@@ -110,8 +110,8 @@ def test_profile_cli_tiny(tmp_path, capsys):
         assert f"| {name} |" in printed
     s = data["summary"]
     assert s["images_per_s"] > 0 and s["transitions_per_s"] > 0 and s["s_per_update"] > 0
-    # 2 trajectories x (K + 1 = 3) transitions per update
-    assert phases["train"]["items"] == 6
+    # 2 trajectories x (K + 1 = 3) transitions per update, every update of the round (one epoch)
+    assert s["updates_per_round"] >= 1 and phases["train"]["items"] == 6 * s["updates_per_round"]
     # the update's peak is in a training pass, above what sampling needs
     assert max(phases[n]["peak_gib"] for n in ("reward_grad_next", "train")) >= phases["sampling"]["peak_gib"]
     assert "## Profile: tiny_cpu" in results.read_text()
@@ -121,7 +121,7 @@ def test_profile_cli_tiny(tmp_path, capsys):
 
 def test_offload_text_encoder_encodes_the_same(tmp_path):
     """memory.offload_text_encoder: the encoder lives on the CPU between encodings; same embeddings."""
-    from lowmem_nablagfn import trainer as T
+    from lowmem_nablagfn import loop as T
 
     from helpers import small_config
 

@@ -19,7 +19,7 @@ from helpers import SMALL
 
 from lowmem_nablagfn import checkpoint as ckpt
 from lowmem_nablagfn import cli
-from lowmem_nablagfn import trainer as T
+from lowmem_nablagfn import loop as L
 from lowmem_nablagfn.config import ConfigError, load_config, validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def _snapshot(run: Path) -> dict:
 def interrupted(tmp_path_factory):
     """A 3-epoch run stopped by Ctrl-C while sampling epoch 2 (checkpoints of epochs 0 and 1 exist)."""
     out = tmp_path_factory.mktemp("runs")
-    real = T.sample_epoch
+    real = L.sample_epoch
 
     def sample_then_interrupt(c, epoch):
         if epoch == 2:
@@ -57,7 +57,7 @@ def interrupted(tmp_path_factory):
     old_mask = os.umask(0o022)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(T, "sample_epoch", sample_then_interrupt)
+            mp.setattr(L, "sample_epoch", sample_then_interrupt)
             import contextlib
             import io
 
@@ -198,19 +198,20 @@ def test_another_world_size_is_refused_before_setup(interrupted):
 # ----------------------------------------------------------------------------- non-finite
 
 def test_nonfinite_update_is_skipped_and_leaves_weights_and_optimizer_untouched(tmp_path, capsys):
-    c = T.setup(_cfg(tmp_path, "nan", "training.max_nonfinite_updates=2"))
+    c = L.setup(_cfg(tmp_path, "nan", "training.max_nonfinite_updates=2"))
     before = [p.detach().clone() for p in c.lora_params]
     for p in c.lora_params:
         p.grad = torch.full_like(p, float("nan"))
-    assert T.guarded_step(c, 0, 0, []) == {}
+    assert L.guarded_step(c, 0, 0, []) == {}
     assert all(torch.equal(a, p) for a, p in zip(before, c.lora_params))
     assert not c.optimizer.state and all(p.grad is None for p in c.lora_params)
     assert "epoch 0, update 0: non-finite gradient of lora; update skipped (1/2" in capsys.readouterr().err
-    T.guarded_step(c, 0, 1, [])  # finite (no) gradients: a normal step resets the count
-    assert c.nonfinite_streak == 0
-    T.guarded_step(c, 0, 2, ["loss/forward"])
+    assert c.optimizer_steps == 0  # a skipped update is not an optimiser step (metrics' optimizer_steps)
+    L.guarded_step(c, 0, 1, [])  # finite (no) gradients: a normal step resets the count
+    assert c.nonfinite_streak == 0 and c.optimizer_steps == 1
+    L.guarded_step(c, 0, 2, ["loss/forward"])
     with pytest.raises(ckpt.NonFiniteError, match="Likely causes"):
-        T.guarded_step(c, 0, 3, ["loss/forward"])
+        L.guarded_step(c, 0, 3, ["loss/forward"])
     for p in c.lora_params:  # and a non-finite weight is never written
         p.data[0] = float("inf")
     with pytest.raises(ckpt.NonFiniteError):
@@ -346,14 +347,14 @@ def test_zero2_skip_leaves_weights_and_the_next_update_as_ddp(tmp_path, monkeypa
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", False)
     results = []
     for backend in ("ddp", "deepspeed"):
-        c = T.setup(_cfg(tmp_path, backend, f"distributed.backend={backend}"))
-        data = T.sample_epoch(c, 0)
+        c = L.setup(_cfg(tmp_path, backend, f"distributed.backend={backend}"))
+        data = L.sample_epoch(c, 0)
         before = [p.detach().clone() for p in c.lora_params]
         for p in c.lora_params:
             p.grad = torch.full_like(p, float("nan"))
-        assert T.guarded_step(c, 0, 0, []) == {}
+        assert L.guarded_step(c, 0, 0, []) == {}
         assert all(torch.equal(a, p) for a, p in zip(before, c.lora_params)), backend
-        T.train_epoch(c, data, 0)
+        L.train_epoch(c, data, 0)
         results.append([p.detach() - a for a, p in zip(before, c.lora_params)])
         c.sync.close()
     # a step taken with zero gradients on the skip would shrink the next Adam update by about a quarter

@@ -138,7 +138,7 @@ def test_many_epochs_are_subsampled_evenly_and_say_so(run):
 def test_sample_grids_of_small_images_are_enlarged(tmp_path):
     from PIL import Image
 
-    from lowmem_nablagfn.trainer import save_grid
+    from lowmem_nablagfn.images import save_grid
 
     images = torch.rand(4, 3, 64, 64)
     save_grid(images, tmp_path / "g.png")

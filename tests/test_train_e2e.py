@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import small_config
 
+from lowmem_nablagfn import loop as L
 from lowmem_nablagfn import trainer as T
 
 
@@ -177,7 +178,7 @@ def test_resume_with_missing_path_is_clear(tmp_path):
 
 def test_no_flow_mode_creates_no_flow_model(tmp_path):
     cfg = small_config(tmp_path, "model.no_flow=true", "training.num_epochs=1")
-    c = T.setup(cfg)
+    c = L.setup(cfg)
     assert c.flow_model is None and len(c.optimizer.param_groups) == 1
     run = T.train(cfg)
     ckpt = sorted((run / "checkpoints").glob("epoch-*"))[-1]
@@ -187,9 +188,9 @@ def test_no_flow_mode_creates_no_flow_model(tmp_path):
 def test_exactly_one_optimizer_step_per_update(tmp_path):
     cfg = small_config(tmp_path, "sampling.batch_size=8", "training.batch_size=2",
                        "training.gradient_accumulation_steps=2")
-    c = T.setup(cfg)
+    c = L.setup(cfg)
     calls = []
     c.optimizer.register_step_post_hook(lambda *a: calls.append(1))
-    data = T.sample_epoch(c, 0)
-    T.train_epoch(c, data, 0)
+    data = L.sample_epoch(c, 0)
+    L.train_epoch(c, data, 0)
     assert len(calls) == 8 // (2 * 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowmem_nablagfn.diffusion import forward_score, make_schedule, pred_x0, reverse_score, step_mean
-from lowmem_nablagfn.objective import nabla_db_loss
+from lowmem_nablagfn.objective import FlowValues, LossWeights, RewardGrads, Scores, Steps, TrustRegion, nabla_db_loss
 
 HERE = Path(__file__).parent / "data" / "vectors"
 RTOL = 1e-4
@@ -94,18 +94,26 @@ def test_sde_dpmpp1_step(path):
     _step_checks(path)
 
 
+def loss(s_next, s_next_ref, s_cur, s_cur_ref, flow_cur, flow_next, r_next, r_cur, alpha_next, alpha_cur, end, eps,
+         eps_sampled, weights, **norms):
+    """:func:`nabla_db_loss` from the vectors' flat list of tensors (its inputs are grouped)."""
+    flow = None if flow_next is None else FlowValues(cur=flow_cur, next=flow_next)
+    return nabla_db_loss(policy=Scores(s_next, s_cur), reference=Scores(s_next_ref, s_cur_ref),
+                         reward=RewardGrads(r_next, r_cur), flow=flow, steps=Steps(alpha_next, alpha_cur, end),
+                         trust=TrustRegion(eps, eps_sampled), weights=weights, **norms)
+
+
 @pytest.mark.parametrize("path", BY_KIND.get("nabla_db_loss", []), ids=lambda p: p.name)
 def test_nabla_db_loss(path):
     meta, d = _load(path)
     no_flow = meta["no_flow"]
     g = {k: t32(d[k]) for k in ("res_logflow", "res_logflow_next")}
-    terms = nabla_db_loss(
-        t32(d["score_pf"]), t32(d["score_pf_ref"]), t32(d["score_pf_reverse"]), t32(d["score_pf_ref_reverse"]),
-        None if no_flow else g["res_logflow"], None if no_flow else g["res_logflow_next"],
-        t32(d["reward_grad_next"]), t32(d["reward_grad"]), t32(d["alpha_prod_next"]), t32(d["alpha_prod"]),
-        torch.as_tensor(d["end_mask"]).bool(), t32(d["unet_out"]), t32(d["unet_out_sampled"]),
-        float(d["reward_scale"]), float(d["reverse_loss_scale"]), float(d["unet_reg_scale"]),
-        meta["reward_adaptive_mode"])
+    terms = loss(t32(d["score_pf"]), t32(d["score_pf_ref"]), t32(d["score_pf_reverse"]), t32(d["score_pf_ref_reverse"]),
+                 None if no_flow else g["res_logflow"], None if no_flow else g["res_logflow_next"],
+                 t32(d["reward_grad_next"]), t32(d["reward_grad"]), t32(d["alpha_prod_next"]), t32(d["alpha_prod"]),
+                 torch.as_tensor(d["end_mask"]).bool(), t32(d["unet_out"]), t32(d["unet_out_sampled"]),
+                 LossWeights(float(d["reward_scale"]), float(d["reverse_loss_scale"]), float(d["unet_reg_scale"]),
+                             meta["reward_adaptive_mode"]))
     for key, value in [("target_forward", terms.target_forward), ("target_reverse", terms.target_reverse),
                        ("loss_forward", terms.forward), ("loss_reverse", terms.reverse),
                        ("loss_terminal", terms.terminal), ("unet_reg", terms.reg), ("loss", terms.loss)]:
@@ -125,8 +133,8 @@ def test_loss_chunks_sum_to_the_batch_loss():
     end = torch.tensor([True, False, False, True, False, False])
     a_n, a_c = torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen, dtype=torch.float64)
     e, es = r(), r()
-    whole = nabla_db_loss(*args, a_n, a_c, end, e, es, 10.0, 0.5, 3.0).loss
-    parts = sum(nabla_db_loss(*[a[i:i + 2] for a in args], a_n[i:i + 2], a_c[i:i + 2], end[i:i + 2],
-                              e[i:i + 2], es[i:i + 2], 10.0, 0.5, 3.0, row_norm=n,
-                              end_norm=float(end.sum()) + 1e-6).loss for i in range(0, n, 2))
+    w = LossWeights(10.0, 0.5, 3.0)
+    whole = loss(*args, a_n, a_c, end, e, es, w).loss
+    parts = sum(loss(*[a[i:i + 2] for a in args], a_n[i:i + 2], a_c[i:i + 2], end[i:i + 2], e[i:i + 2], es[i:i + 2],
+                     w, row_norm=n, end_norm=float(end.sum()) + 1e-6).loss for i in range(0, n, 2))
     assert torch.allclose(whole, parts, rtol=1e-12)

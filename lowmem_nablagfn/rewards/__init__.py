@@ -10,6 +10,7 @@ import importlib
 
 import torch
 
+from ..dtypes import STORAGE_DTYPES, to_dtype
 from .base import RewardModel
 from .builtin import BUILTIN
 
@@ -20,8 +21,6 @@ EXTERNAL = {
     "hpsv2.1": "lowmem_nablagfn.rewards.hpsv2:build",
     "imagereward": "lowmem_nablagfn.rewards.imagereward:build",
 }
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def known_reward(name: str) -> bool:
@@ -50,7 +49,7 @@ def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
         module, fn = EXTERNAL[cfg.name].split(":")
         model = getattr(importlib.import_module(module), fn)(cfg)
         apply_preprocessing_options(model, cfg)
-        model.store_weights(_DTYPES[cfg.weight_dtype])  # bf16/fp16 storage, fp32 math: rewards/towers.py
+        model.store_weights(to_dtype(cfg.weight_dtype, STORAGE_DTYPES))  # bf16/fp16 storage, fp32 math: rewards/towers.py
     else:
         raise ValueError(f"unknown reward {cfg.name!r}; choose one of {reward_names()}")
     return model.to(device).eval().requires_grad_(False)

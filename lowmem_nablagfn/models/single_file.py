@@ -4,7 +4,7 @@ Hobbyists keep Stable Diffusion as one file with the original (LDM / SGM) names
 (``model.diffusion_model.…``, ``first_stage_model.…``, ``cond_stage_model.…`` or
 ``conditioner.embedders.{0,1}.…``).  diffusers' ``from_single_file`` converts such a file, but it
 looks the component configs up on the hub; here they come from the package instead (the same dicts
-that build the built-in random models, :data:`~lowmem_nablagfn.models.BUILTIN_CONFIGS`), written to
+that build the built-in random models, :data:`~lowmem_nablagfn.models.builtin.BUILTIN_CONFIGS`), written to
 a temporary diffusers-layout folder and passed as ``config=`` — offline, no hub look-up.
 
 Identification (before anything is loaded): the family from marker keys (SD 1.x: a CLIP text
@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
+from ..config import SINGLE_FILE_SUFFIXES  # noqa: F401 - defined where validation reads it (no torch there)
+from .builtin import BUILTIN_CONFIGS
+from .parts import SDParts
+from .tokenizer import clip_tokenizer
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 SD15_TEXT = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
 SDXL_TEXT = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
@@ -66,8 +70,6 @@ def read_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
 
 def identify(path: str | Path) -> Identified:
     """Family and architecture of a single-file checkpoint; :class:`SingleFileError` if unknown."""
-    from .models import BUILTIN_CONFIGS
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise SingleFileError(f"{path}: no such file")
@@ -111,7 +113,7 @@ def write_config_dir(ident: Identified, root: Path) -> Path:
     import diffusers
     from transformers import CLIPTextConfig
 
-    from .diffusion import SD_SCHEDULER_CONFIG
+    from ..diffusion import SD_SCHEDULER_CONFIG
 
     sdxl = ident.family == "sdxl"
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -141,14 +143,13 @@ def write_config_dir(ident: Identified, root: Path) -> Path:
     return root
 
 
-def load_single_file(path: str | Path):
+def load_single_file(path: str | Path) -> SDParts:
     """:class:`~lowmem_nablagfn.models.SDParts` of a single-file SD 1.x / SDXL checkpoint, offline."""
     import logging
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .diffusion import SD_SCHEDULER_CONFIG
-    from .models import SDParts, clip_tokenizer
+    from ..diffusion import SD_SCHEDULER_CONFIG
 
     path = Path(path).expanduser()
     ident = identify(path)

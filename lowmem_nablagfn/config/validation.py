@@ -1,0 +1,184 @@
+"""Checking a configuration: :func:`validate` reports every bad value at once, each with its reason
+and a fix, before any model is built."""
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import List
+
+from .schema import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, Config, ConfigError
+
+
+def _is_local_path(name: str) -> bool:
+    """A hub id is ``owner/name``; anything else (or an existing path) is a local directory."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
+
+
+def _nonfinite_floats(node, prefix: str = "") -> List[str]:
+    """Dotted names of the float values (lists included) of a config tree that are inf or nan."""
+    import math
+
+    out = []
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            out += _nonfinite_floats(value, f"{prefix}{f.name}.")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"{prefix}{f.name}={v}")
+                break
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value; raise one :class:`ConfigError` listing each problem with its fix."""
+    from ..rewards import known_reward, reward_names
+    from ..rewards.prompts import known_prompt_set
+    from ..subsample import SubsampleError, check_blocks, num_blocks
+
+    errors: List[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    s, t, m, mem = cfg.sampling, cfg.training, cfg.model, cfg.memory
+    for name in _nonfinite_floats(cfg):
+        errors.append(f"{name} is not finite; give a finite number (no inf or nan anywhere in the configuration)")
+    need(t.max_nonfinite_updates > 0,
+         f"training.max_nonfinite_updates={t.max_nonfinite_updates} must be a positive integer (3: stop "
+         f"after three skipped updates in a row)")
+    for name, value in [("sampling.batch_size", s.batch_size),
+                        ("sampling.num_batches_per_epoch", s.num_batches_per_epoch),
+                        ("sampling.num_steps", s.num_steps), ("sampling.resolution", s.resolution),
+                        ("training.batch_size", t.batch_size),
+                        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                        ("training.num_epochs", t.num_epochs), ("model.lora.rank", m.lora.rank),
+                        ("logging.save_every", cfg.logging.save_every),
+                        ("logging.keep_checkpoints", cfg.logging.keep_checkpoints)]:
+        need(value > 0, f"{name}={value} must be a positive integer")
+    for name, value in [("memory.input_grad_chunk", mem.input_grad_chunk),
+                        ("memory.train_chunk", mem.train_chunk),
+                        ("logging.sample_grid_seeds", cfg.logging.sample_grid_seeds)]:
+        need(value >= 0, f"{name}={value} must be >= 0 (0 = off / whole batch)")
+    need(0 < m.timestep_fraction <= 1,
+         f"model.timestep_fraction={m.timestep_fraction} must lie in (0, 1] (0.1 for 50 DDPM steps; "
+         f"0.1, 0.2 or 0.25 for 20 DPM-Solver steps)")
+    need(0 <= m.pretrained_strength <= 1,
+         f"model.pretrained_strength={m.pretrained_strength} must lie in [0, 1]")
+    for name, value in [("model.reward_scale", m.reward_scale), ("training.learning_rate", t.learning_rate),
+                        ("training.flow_learning_rate", t.flow_learning_rate),
+                        ("training.adam_epsilon", t.adam_epsilon), ("sampling.eta", s.eta)]:
+        need(value > 0, f"{name}={value} must be > 0")
+    for name, value in [("model.unet_reg_scale", m.unet_reg_scale),
+                        ("model.reverse_loss_scale", m.reverse_loss_scale),
+                        ("training.adam_weight_decay", t.adam_weight_decay),
+                        ("training.flow_weight_decay", t.flow_weight_decay)]:
+        need(value >= 0, f"{name}={value} must be >= 0")
+    for name, value in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)]:
+        need(0 <= value < 1, f"{name}={value} must lie in [0, 1)")
+    for name, value, allowed in [
+        ("sampling.scheduler", s.scheduler, ("ddim", "dpm-solver")),
+        ("model.reward_adaptive_mode", m.reward_adaptive_mode, ("squared", "sqrt")),
+        ("model.lora.init", m.lora.init, ("gaussian", "default")),
+        ("training.optimizer", t.optimizer, ("adamw", "adamw8bit", "paged_adamw8bit")),
+        ("training.mixed_precision", t.mixed_precision, ("bf16", "fp16", "no")),
+        ("reward.weight_dtype", cfg.reward.weight_dtype, ("fp32", "bf16", "fp16")),
+        ("memory.transition_dtype", mem.transition_dtype, ("fp32", "bf16")),
+        ("memory.mode", mem.mode, ("optimized", "official", "naive")),
+        ("memory.attention", mem.attention, ("sdpa", "xformers", "math")),
+        ("distributed.backend", cfg.distributed.backend, ("ddp", "deepspeed")),
+        ("prompts.split", cfg.prompts.split, ("train", "eval")),
+        ("device", cfg.device, ("auto", "cpu", "cuda")),
+    ]:
+        need(value in allowed, f"{name}={value!r} is unknown; choose one of {', '.join(allowed)}")
+    need(cfg.distributed.zero_stage in (1, 2),
+         f"distributed.zero_stage={cfg.distributed.zero_stage} is not supported; use 2 (or 1). Stage 0 "
+         f"is plain gradient averaging (distributed.backend=ddp); stage 3 would partition the LoRA "
+         f"weights, which the frozen UNet uses outside DeepSpeed's forward")
+    need(known_reward(cfg.reward.name),
+         f"reward.name={cfg.reward.name!r} is unknown; choose one of "
+         f"{', '.join(reward_names())}")
+    need(known_prompt_set(cfg.prompts.set),
+         f"prompts.set={cfg.prompts.set!r} is neither a built-in set (simple_animals, "
+         f"hpd_photo_painting, drawbench, imagenet) nor an existing file")
+    need(len(m.flow_block_widths) >= 1 and all(w > 0 and w % 8 == 0 for w in m.flow_block_widths),
+         f"model.flow_block_widths={list(m.flow_block_widths)} must be positive multiples of 8")
+    need(not m.lora.target_modules == [], "model.lora.target_modules is empty; name at least one module")
+
+    model = cfg.pretrained.model
+    if model not in BUILTIN_MODELS and Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        need(Path(model).expanduser().is_file(),
+             f"pretrained.model={model!r}: no such file; give an existing single-file checkpoint "
+             f"(.safetensors / .ckpt, A1111 / ComfyUI layout), a diffusers directory or a hub id")
+    elif model not in BUILTIN_MODELS and _is_local_path(model):
+        need(Path(model).expanduser().is_dir(),
+             f"pretrained.model={model!r}: no such directory; give a local diffusers model directory "
+             f"(with unet/, vae/, text_encoder/, tokenizer/), a single .safetensors/.ckpt file, a hub id, "
+             f"or one of {', '.join(BUILTIN_MODELS)}")
+    scheduler_json = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    if model not in BUILTIN_MODELS and scheduler_json.is_file():  # a local model: its prediction type now
+        import json
+
+        from ..diffusion import check_scheduler_config
+
+        try:
+            check_scheduler_config(json.loads(scheduler_json.read_text()), f"pretrained.model={model!r}")
+        except ValueError as exc:
+            errors.append(str(exc))
+    vae = cfg.pretrained.vae
+    if vae and _is_local_path(vae):
+        need((Path(vae).expanduser() / "config.json").is_file(),
+             f"pretrained.vae={vae!r}: no diffusers VAE directory there (config.json + weights); give "
+             f"one, a hub id, or leave it unset to keep the model's own VAE")
+    if s.resolution > 0:
+        need(s.resolution % 8 == 0, f"sampling.resolution={s.resolution} must be a multiple of 8")
+
+    if s.num_steps > 0 and 0 < m.timestep_fraction <= 1:
+        try:
+            check_blocks(s.num_steps, num_blocks(s.num_steps, m.timestep_fraction), s.low_var_subsampling)
+        except SubsampleError as exc:
+            errors.append(f"model.timestep_fraction / sampling.num_steps: {exc}")
+
+    if min(s.batch_size, s.num_batches_per_epoch, t.batch_size, t.gradient_accumulation_steps) > 0:
+        per_epoch = s.batch_size * s.num_batches_per_epoch
+        if per_epoch % t.batch_size:
+            errors.append(
+                f"training.batch_size={t.batch_size} does not divide the {per_epoch} trajectories "
+                f"sampled per epoch (sampling.batch_size={s.batch_size} x "
+                f"num_batches_per_epoch={s.num_batches_per_epoch}); use a divisor of {per_epoch}")
+        elif (per_epoch // t.batch_size) % t.gradient_accumulation_steps:
+            n = per_epoch // t.batch_size
+            errors.append(
+                f"training.gradient_accumulation_steps={t.gradient_accumulation_steps} does not divide "
+                f"the {n} training batches per epoch ({per_epoch} trajectories / batch {t.batch_size}); "
+                f"use a divisor of {n}")
+    if t.optimizer != "adamw" and cfg.distributed.backend == "deepspeed":
+        errors.append(f"training.optimizer={t.optimizer!r} cannot be partitioned by DeepSpeed ZeRO; "
+                      f"use training.optimizer=adamw with distributed.backend=deepspeed, or "
+                      f"distributed.backend=ddp with 8-bit AdamW")
+    r = cfg.reward
+    if r.antialias is not None:
+        need(not r.name.startswith("builtin:"), f"reward.antialias={r.antialias} has no effect on {r.name} "
+                                                f"(built-in rewards do not resize); remove it")
+    if r.max_length is not None:
+        need(r.name == "imagereward", f"reward.max_length={r.max_length} is only used by reward.name=imagereward "
+                                      f"(the others tokenise with their own fixed context); remove it")
+        need(0 < r.max_length <= 512, f"reward.max_length={r.max_length} must lie in [1, 512] "
+                                      f"(BERT's positions; 35 = ImageReward.score, 512 = the official ∇-GFlowNet code)")
+    if t.mixed_precision == "fp16" and cfg.distributed.backend == "deepspeed":
+        errors.append("training.mixed_precision=fp16 with distributed.backend=deepspeed is not supported: the "
+                      "fp16 loss scaler unscales and checks the gradients before the update, which ZeRO "
+                      "partitions; use distributed.backend=ddp (fp16 loss scaling) or bf16")
+    if cfg.distributed.offload_optimizer and cfg.distributed.backend != "deepspeed":
+        errors.append("distributed.offload_optimizer=true needs distributed.backend=deepspeed (ZeRO-Offload); "
+                      "with ddp, save optimiser memory with training.optimizer=adamw8bit instead")
+    if cfg.distributed.backend == "deepspeed":
+        import importlib.util
+
+        need(importlib.util.find_spec("deepspeed") is not None,
+             "distributed.backend=deepspeed but deepspeed is not installed: "
+             "pip install 'lowmem-nablagfn[deepspeed]', or use distributed.backend=ddp")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg

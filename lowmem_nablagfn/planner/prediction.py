@@ -1,0 +1,174 @@
+"""Prediction: the phases of the update composed from the profile's probes and the exact bytes.
+
+:func:`predict` adds, per phase of the training step, what stays resident (weights, optimiser state,
+gradients, stored trajectories, the batch's rows) to the traced activations of the phase's passes, and
+on a GPU the allowances of :mod:`.gpu`; it also estimates the work of one update (traced FLOPs plus a
+per-call overhead), which ranks the search's candidates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import Config
+from ..dtypes import DTYPES
+from ..memory import build_plan
+from ..memtrack import GiB
+from .gpu import (ATTN_SCRATCH_BYTES, CUDNN_WORKSPACE_GIB, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels,
+                  card_context_gib, default_capability, fragmentation_default)
+from .costs import CALL_OVERHEAD, update_costs
+from .profile import Profile
+
+
+@dataclass
+class Prediction:
+    """Predicted peak bytes of each phase of a configuration (on the training device, per process)."""
+
+    phases: Dict[str, float]
+    resident: Dict[str, float]
+    """What stays allocated through the training phases: weights (text encoder included, also when
+    offloaded: see ``text_encoder``), optimiser state, gradients, trajectories, the batch's rows."""
+    tflop_per_update: float
+    """Estimated work of one optimiser update incl. its share of sampling (TFLOP + per-call overhead)."""
+    capability: Tuple[int, int] = DEFAULT_CAPABILITY
+    """The card's compute capability the prediction assumes (attention kernel, CUDA context)."""
+    kernels: Dict[str, str] = field(default_factory=dict)
+    """Attention kernel per model (``flash`` / ``mem_efficient`` / ``math``) on that card."""
+    allowances: Dict[str, float] = field(default_factory=dict)
+    """GPU-only bytes included in each phase (cuDNN workspace + attention scratch; 0 on the CPU)."""
+    notes: List[str] = field(default_factory=list)
+    """Warnings (e.g. the math attention kernel would run)."""
+
+    @property
+    def peak(self) -> float:
+        """Predicted ``max_memory_allocated`` (bytes)."""
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def reserved_gib(self, fragmentation: Optional[float] = None) -> float:
+        """Predicted ``max_memory_reserved`` (GiB): the peak plus allocator fragmentation."""
+        frag = fragmentation_default() if fragmentation is None else fragmentation
+        return self.peak / GiB * (1 + frag)
+
+    def required_gib(self, fragmentation: Optional[float] = None, context_gib: Optional[float] = None,
+                     slack_gib: float = MIN_SLACK_GIB) -> float:
+        """Card memory needed: reserved + CUDA context (outside the allocator) + the minimum slack."""
+        ctx = card_context_gib(self.capability) if context_gib is None else context_gib
+        return self.reserved_gib(fragmentation) + ctx + slack_gib
+
+    def fits(self, vram_gib: float, fragmentation: Optional[float] = None,
+             context_gib: Optional[float] = None) -> bool:
+        return self.required_gib(fragmentation, context_gib) <= vram_gib
+
+
+def kept_per_trajectory(cfg: Config) -> int:
+    from ..subsample import num_blocks
+
+    t = cfg.sampling.num_steps
+    return min(num_blocks(t, cfg.model.timestep_fraction) + 1, t)
+
+
+def optimizer_state_bytes(cfg: Config, numels: Sequence[int]) -> float:
+    if cfg.training.optimizer == "adamw":
+        return 8.0 * sum(numels)
+    # bitsandbytes: 8-bit states (1 byte each, 2 states) + fp32 absmax per 2048-block for tensors of
+    # >= 4096 elements (min_8bit_size); 32-bit states below
+    return sum(2 * n + 8 * math.ceil(n / 2048) if n >= 4096 else 8 * n for n in numels)
+
+
+def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]] = None) -> Prediction:
+    """Phase-by-phase peak bytes of ``cfg`` (same architecture as ``profile``) on a card of this
+    compute ``capability`` (default: :func:`default_capability`).
+
+    The training phases are those of the plan the executor runs (``memory.build_plan``), costed by
+    :mod:`.costs`.  On the CPU (``device=cpu``) the phases are what the live-bytes tracker measures; on
+    a GPU they add the cuDNN workspace and attention scratch allowances, and the attention passes are
+    traced with the kernel the card and dtype get (the math kernel's attention matrices included)."""
+    st, mem, s, t = profile.static, cfg.memory, cfg.sampling, cfg.training
+    residual = not cfg.model.no_flow
+    plan = build_plan(mem, residual)
+    placement = plan.placement
+    capability = tuple(capability or default_capability(cfg))
+    gpu = cfg.device != "cpu"
+    kernels = attention_kernels(cfg, profile.models, capability) if gpu else {}
+    math_u = {"math": True} if kernels.get("unet") == "math" or kernels.get("vae") == "math" else {}
+    math_f = {"math_flow": True} if kernels.get("flow") == "math" else {}
+    c, h, w = st["latent_shape"]
+    latent = c * h * w
+    text = st["text_shape"][0] * st["text_shape"][1] * st["text_itemsize"]
+    storage = torch.empty((), dtype=DTYPES[mem.transition_dtype]).element_size()  # kept transitions
+    kept = kept_per_trajectory(cfg)
+    numels = list(st["trainable_numels"])
+    if not residual:
+        numels = numels[:len(profile.models.lora_params)]
+
+    # resident bytes
+    weights = st["unet"] + st["lora"] + st["vae"] + st["reward"] + (st["flow"] if residual else 0)
+    text_encoder = 0 if placement.offload_text_encoder else st["text_encoder"]
+    opt = optimizer_state_bytes(cfg, numels)
+    grads = 4.0 * sum(numels)
+    per_traj = kept * 3 * latent * storage + text + latent * 4 + kept * 8 + 4
+    n_epoch = s.batch_size * s.num_batches_per_epoch
+    lag = 1 if t.on_policy else 2  # the official loop trains on last epoch's samples while holding new ones
+    if placement.offload_trajectories:
+        traj_train, traj_sample = 0.0, s.batch_size * per_traj
+    else:
+        traj_train, traj_sample = lag * n_epoch * per_traj, lag * n_epoch * per_traj
+    if not placement.store_only_trained:  # all T steps of the sampling batch are stored, then gathered
+        traj_sample += s.batch_size * s.num_steps * 3 * latent * storage
+    base = weights + text_encoder + opt
+
+    # sampling, encode, final reward (no graph)
+    b = s.batch_size
+    loop = 5 * b * latent * 4
+    phases = {}
+    phases["encode"] = base + traj_sample + (st["text_encoder"] - text_encoder) + profile.get("encode", rows=b)["Pi"]
+    phases["sampling"] = base + traj_sample + loop + profile.get("unet_sample", math_u, rows=b)["Pi"]
+    vae_ng, rew_ng = profile.get("vae_nograd", math_u, rows=b), profile.get("reward_nograd", rows=b)
+    phases["final_reward"] = base + traj_sample + max(vae_ng["Pi"], vae_ng["Out"] + rew_ng["Pi"])
+
+    # one training batch of R = B(K+1) rows: the plan's phases above what stays resident
+    rows = t.batch_size * kept
+    batch = t.batch_size * per_traj + rows * (3 * latent * 4 + text) + 4 * rows * latent * 4
+    train_base = base + grads + traj_train + batch
+    costs = update_costs(profile, plan, t.batch_size, kept, residual, math_u, math_f)
+    for name, cost in costs.items():
+        phases[name] = train_base + cost.peak
+    train_flops = sum(cost.flops for cost in costs.values())
+    phases["optimizer"] = base + grads + traj_train + 2.0 * 4 * sum(numels)
+
+    # GPU-only memory (allowances; see the constants): cuDNN workspaces, attention backward scratch
+    allowances = {name: 0.0 for name in phases}
+    notes = []
+    if gpu:
+        scratch = ATTN_SCRATCH_BYTES * h * w * max(profile.models.unet.config.block_out_channels[0],
+                                                   profile.models.vae.config.block_out_channels[-1])
+        for name in phases:
+            if name in costs:  # a pass with a backward: workspace and the scratch of one call's rows
+                allowances[name] = CUDNN_WORKSPACE_GIB["grad"] * GiB + scratch * costs[name].call_rows
+            elif name in ("sampling", "final_reward"):
+                allowances[name] = CUDNN_WORKSPACE_GIB["nograd"] * GiB
+            phases[name] += allowances[name]
+        math_parts = [k for k, v in kernels.items() if v == "math"]
+        if math_parts:
+            why = ("memory.attention=math" if mem.attention == "math" else
+                   f"{t.mixed_precision} attention on a sm{capability[0]}{capability[1]} card has neither a flash "
+                   f"nor a memory-efficient kernel (bf16 needs sm80+; use training.mixed_precision=fp16)")
+            notes.append(f"attention of the {', '.join(math_parts)} runs on the math SDPA kernel ({why}): "
+                         f"the attention matrices are materialised (included in the prediction)")
+
+    # work of one update: its training batches plus its share of the epoch's sampling
+    updates_per_epoch = max(1, n_epoch // (t.batch_size * t.gradient_accumulation_steps))
+    sample_call = profile.get("unet_sample", rows=b)["flops_f"] + CALL_OVERHEAD * profile.get("unet_sample", rows=1)["flops_f"]
+    sample_flops = s.num_batches_per_epoch * s.num_steps * sample_call
+    tflop = (t.gradient_accumulation_steps * train_flops + sample_flops / updates_per_epoch) / 1e12
+    resident = {"weights": weights + st["text_encoder"], "text_encoder": st["text_encoder"],
+                "optimizer_state": opt, "gradients": grads, "trajectories": traj_train, "batch_rows": batch}
+    return Prediction(phases, resident, tflop, capability, kernels, allowances, notes)
+
