@@ -27,7 +27,7 @@ most one UNet graph is alive at a time.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -163,9 +163,7 @@ def build_plan(mem=None, residual: bool = True) -> MemoryPlan:
     from ..config import MemoryConfig
 
     mem = mem if mem is not None else MemoryConfig()
-    placement = Placement(mem.offload_text_encoder, mem.offload_trajectories, mem.store_only_trained,
-                          mem.checkpoint_unet, mem.checkpoint_vae, mem.checkpoint_reward, mem.checkpoint_flow,
-                          mem.attention)
+    placement = Placement(**{f.name: getattr(mem, f.name) for f in fields(Placement)})  # same names as MemoryConfig
     if mem.mode in ("naive", "official"):
         names = ["reference", "policy", "reward_grad_next"] + (["reward_grad_cur"] if residual else []) + ["train"]
         return MemoryPlan(tuple(Phase(n, keep_graph=True) for n in names), mem.mode == "official", placement)
