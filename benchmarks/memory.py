@@ -60,6 +60,7 @@ from lowmem_nablagfn import loop as T  # noqa: E402
 from lowmem_nablagfn.config import MemoryConfig, load_config  # noqa: E402
 from lowmem_nablagfn.memory import Rows, accumulate_gradients, build_plan  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
+from lowmem_nablagfn.models import set_checkpointing  # noqa: E402
 
 VARIANTS = {
     "official": dict(mode="official"),
@@ -85,13 +86,10 @@ def make_rows(c, n_traj: int, seed: int = 0) -> Rows:
 
 
 def set_memory_options(c, opts: dict) -> None:
-    """Switch checkpointing on or off on every part (``Placement.apply_checkpointing`` only switches on)."""
+    """Switch checkpointing of every part to the option for it (absent: off)."""
     for module, key in ((c.parts.unet, "checkpoint_unet"), (c.parts.vae, "checkpoint_vae"),
-                        (c.flow_model, "checkpoint_flow")):
-        if module is not None:
-            (module.enable_gradient_checkpointing if opts.get(key) else module.disable_gradient_checkpointing)()
-    if hasattr(c.reward_model, "set_checkpointing"):
-        c.reward_model.set_checkpointing(bool(opts.get("checkpoint_reward")))
+                        (c.reward_model, "checkpoint_reward"), (c.flow_model, "checkpoint_flow")):
+        set_checkpointing(module, bool(opts.get(key)))
 
 
 def measure(c, rows: Rows, opts: dict) -> dict:

@@ -14,6 +14,7 @@ from lowmem_nablagfn import loop as T
 from lowmem_nablagfn import memtrack
 from lowmem_nablagfn.config import MemoryConfig
 from lowmem_nablagfn.memory import Rows, accumulate_gradients, build_plan, executor
+from lowmem_nablagfn.models import set_checkpointing
 from lowmem_nablagfn.sampling import Trajectories
 from lowmem_nablagfn.subsample import gather
 
@@ -37,11 +38,8 @@ REWARD = ["reward.name=aesthetic", "reward.checkpoint=random:reduced"]  # a towe
 def _ctx(c, opts):
     """The update context of ``c`` under the memory options ``opts`` (checkpointing switched on/off)."""
     for module, key in ((c.parts.unet, "checkpoint_unet"), (c.parts.vae, "checkpoint_vae"),
-                        (c.flow_model, "checkpoint_flow")):
-        if module is not None:
-            (module.enable_gradient_checkpointing if opts.get(key) else module.disable_gradient_checkpointing)()
-    if hasattr(c.reward_model, "set_checkpointing"):  # tower rewards (SDXL's tests use the built-in one)
-        c.reward_model.set_checkpointing(opts.get("checkpoint_reward", False))
+                        (c.reward_model, "checkpoint_reward"), (c.flow_model, "checkpoint_flow")):
+        set_checkpointing(module, bool(opts.get(key)))  # the trainer's switch (models.checkpointing)
     ctx = T.update_context(c)
     ctx.plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)
     return ctx

@@ -174,7 +174,7 @@ class MemoryConfig:
     checkpoint_unet: bool = False
     """Gradient checkpointing of the UNet (LoRA and reference passes with a graph)."""
     checkpoint_vae: bool = False
-    """Gradient checkpointing of the VAE decoder in reward-gradient passes."""
+    """Gradient checkpointing of the VAE decoder in reward-gradient passes, per layer (models.checkpointing)."""
     checkpoint_reward: bool = False
     """Gradient checkpointing of the reward model's towers."""
     checkpoint_flow: bool = False

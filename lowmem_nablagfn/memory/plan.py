@@ -129,19 +129,14 @@ class Placement:
 
     def apply_checkpointing(self, unet: nn.Module, vae: Optional[nn.Module], reward: Optional[nn.Module],
                             flow_model: Optional[nn.Module]) -> None:
-        """Gradient checkpointing on the parts the plan names, and the attention processor of
-        ``memory.attention`` on the UNet, VAE and flow model."""
-        from ..models import set_attention_backend
+        """Gradient checkpointing of each part switched to the plan's flag for it, and the attention
+        processor of ``memory.attention`` on the UNet, VAE and flow model."""
+        from ..models import set_attention_backend, set_checkpointing
 
         set_attention_backend((unet, vae, flow_model), self.attention)
         for module, on in ((unet, self.checkpoint_unet), (vae, self.checkpoint_vae),
-                           (flow_model, self.checkpoint_flow)):
-            if module is not None and on and hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
-        if reward is not None and hasattr(reward, "set_checkpointing"):  # TowerReward (rewards/towers.py)
-            reward.set_checkpointing(self.checkpoint_reward)
-        elif reward is not None and self.checkpoint_reward and hasattr(reward, "set_grad_checkpointing"):
-            reward.set_grad_checkpointing(True)
+                           (reward, self.checkpoint_reward), (flow_model, self.checkpoint_flow)):
+            set_checkpointing(module, on)
 
 
 @dataclass(frozen=True)

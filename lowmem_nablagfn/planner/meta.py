@@ -24,7 +24,7 @@ from ..dtypes import DTYPES
 from ..memory import build_plan
 
 #: Version of the probes (:mod:`.trace`): part of every architecture key, so bumping it retraces.
-PROBE_VERSION = 2
+PROBE_VERSION = 3  # 3: checkpoint_vae checkpoints the decoder per layer (models.checkpointing)
 
 def _clean(config) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()

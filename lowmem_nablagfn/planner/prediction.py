@@ -110,13 +110,14 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
 
     # resident bytes
     weights = st["unet"] + st["lora"] + st["vae"] + st["reward"] + (st["flow"] if residual else 0)
-    text_encoder = 0 if placement.offload_text_encoder else st["text_encoder"]
+    host_is_device = not gpu  # on the CPU the offloading knobs move nothing: host memory is the device's
+    text_encoder = 0 if placement.offload_text_encoder and not host_is_device else st["text_encoder"]
     opt = optimizer_state_bytes(cfg, numels)
     grads = 4.0 * sum(numels)
     per_traj = kept * 3 * latent * storage + text + latent * 4 + kept * 8 + 4
     n_epoch = s.batch_size * s.num_batches_per_epoch
     lag = 1 if t.on_policy else 2  # the official loop trains on last epoch's samples while holding new ones
-    if placement.offload_trajectories:
+    if placement.offload_trajectories and not host_is_device:
         traj_train, traj_sample = 0.0, s.batch_size * per_traj
     else:
         traj_train, traj_sample = lag * n_epoch * per_traj, lag * n_epoch * per_traj
@@ -137,11 +138,19 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
     rows = t.batch_size * kept
     batch = t.batch_size * per_traj + rows * (3 * latent * 4 + text) + 4 * rows * latent * 4
     train_base = base + grads + traj_train + batch
+    # The gradients are freed after each optimiser step (zero_grad(set_to_none=True)) and created by the
+    # training pass's backward: without accumulation, the optimised plan's phases before "train" run
+    # without them (a keep-graph plan's backward runs per slot and DeepSpeed keeps its gradient buffers).
+    fresh_grads = (t.gradient_accumulation_steps == 1 and not any(ph.keep_graph for ph in plan.phases)
+                   and cfg.distributed.backend != "deepspeed")
     costs = update_costs(profile, plan, t.batch_size, kept, residual, math_u, math_f)
     for name, cost in costs.items():
-        phases[name] = train_base + cost.peak
+        phases[name] = train_base + cost.peak - (grads if fresh_grads and name != "train" else 0.0)
     train_flops = sum(cost.flops for cost in costs.values())
-    phases["optimizer"] = base + grads + traj_train + 2.0 * 4 * sum(numels)
+    # foreach AdamW (torch's default on CUDA) holds two fp32 temporaries per parameter; the CPU runs the
+    # per-tensor loop (one tensor's temporaries: the largest LoRA or flow weight)
+    step_tmp = 2.0 * 4 * (sum(numels) if gpu else max(numels, default=0))
+    phases["optimizer"] = base + grads + traj_train + step_tmp
 
     # GPU-only memory (allowances; see the constants): cuDNN workspaces, attention backward scratch
     allowances = {name: 0.0 for name in phases}

@@ -34,15 +34,6 @@ def _fakeify(module: Optional[nn.Module], mode) -> None:
                     sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def _set_checkpointing(module: Optional[nn.Module], on: bool) -> None:
-    if module is None:
-        return
-    if hasattr(module, "set_checkpointing"):
-        module.set_checkpointing(on)
-    elif hasattr(module, "enable_gradient_checkpointing"):
-        (module.enable_gradient_checkpointing if on else module.disable_gradient_checkpointing)()
-
-
 class FlopCount(TorchDispatchMode):
     """FLOPs of the aten ops that ``torch.utils.flop_counter`` knows (matmuls, convolutions,
     attention), without ``FlopCounterMode``'s module hooks (which reject ``autograd.grad`` on leaves)."""
@@ -163,16 +154,14 @@ class Tracer:
 
     # -- probes: each returns {quantity: bytes or flops}
     def probe(self, name: str, flags: dict, r: int) -> Dict[str, float]:
+        from ..models import set_attention_backend, set_checkpointing
         from ..sampling import as_conditioning
 
-        _set_checkpointing(self.m.unet, flags.get("unet", False))
-        _set_checkpointing(self.m.vae, flags.get("vae", False))
-        _set_checkpointing(self.m.reward, flags.get("reward", False))
-        _set_checkpointing(self.m.flow_model, flags.get("flow", False))
+        for module, flag in ((self.m.unet, "unet"), (self.m.vae, "vae"), (self.m.reward, "reward"),
+                             (self.m.flow_model, "flow")):
+            set_checkpointing(module, flags.get(flag, False))
         # the math SDPA kernel materialises the attention matrices (traced); flash / memory-efficient
         # kernels keep what the CPU's fused kernel keeps (output and log-sum-exp)
-        from ..models import set_attention_backend
-
         set_attention_backend((self.m.unet, self.m.vae), "math" if flags.get("math") else "sdpa")
         set_attention_backend((self.m.flow_model,), "math" if flags.get("math_flow") else "sdpa")
         with self.mode, quiet(), LiveBytes() as mem, FlopCount() as fc:
