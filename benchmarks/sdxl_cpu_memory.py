@@ -91,7 +91,8 @@ def run_variant(c, cfg, profile) -> dict:
     measured = {n: p["peak_gib"] for n, p in res["phases"].items() if n in PHASES}
     return {"measured": measured, "predicted": {n: v / GiB for n, v in pred.phases.items()},
             "peak_gib": res["summary"]["peak_gib"], "predicted_peak_gib": pred.peak / GiB,
-            "predicted_phase": pred.peak_phase, "seconds": time.perf_counter() - t0, "memory": knobs(cfg)}
+            "predicted_phase": pred.peak_phase, "seconds": time.perf_counter() - t0, "memory": knobs(cfg),
+            "table": profiler.phase_table(res, {n: v / GiB for n, v in pred.phases.items()})}
 
 
 def knobs(cfg) -> str:
@@ -104,18 +105,11 @@ def knobs(cfg) -> str:
 
 
 def table(results: Dict[str, dict]) -> str:
-    lines = ["| variant | phase | measured (GiB) | predicted (GiB) | error |", "| --- | --- | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        for phase in PHASES:
-            m, p = r["measured"].get(phase), r["predicted"].get(phase)
-            if m is None and p is None:
-                continue
-            err = f"{p / m - 1:+.1%}" if m and p is not None else "–"
-            fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-            lines.append(f"| {name} | {phase} | {fmt(m)} | {fmt(p)} | {err} |")
-        lines.append(f"| **{name}** ({r['memory']}) | **peak** | **{r['peak_gib']:.3f}** | **{r['predicted_peak_gib']:.3f}** "
-                     f"({r['predicted_phase']}) | **{r['predicted_peak_gib'] / r['peak_gib'] - 1:+.1%}** |")
-    return "\n".join(lines)
+    """Each variant's phases as ``lowmem-nablagfn profile --compare-plan`` prints them, under its peak."""
+    return "\n\n".join(
+        f"**{name}** ({r['memory']}): peak {r['peak_gib']:.3f} GiB measured, {r['predicted_peak_gib']:.3f} "
+        f"predicted ({r['predicted_phase']}, {r['predicted_peak_gib'] / r['peak_gib'] - 1:+.1%})\n\n{r['table']}"
+        for name, r in results.items())
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
