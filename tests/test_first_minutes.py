@@ -69,6 +69,29 @@ def test_quiet_start_no_optional_dependency_noise():
     assert proc.stderr.strip() == "", proc.stderr[-2000:]
 
 
+def test_known_noise_is_dropped_and_other_warnings_of_its_loggers_are_not():
+    """Importing bitsandbytes (as diffusers and peft do) offline prints the `kernels` package's trust-check
+    line; after ``import lowmem_nablagfn`` that line is gone, while any other warning of the same loggers
+    still reaches stderr.  The control (without the package) proves the noise exists in this install."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    probe = ("import logging\n{pre}import bitsandbytes\n"
+             "logging.getLogger('kernels._internals.hf_hub').warning('a real kernels warning')\n"
+             "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real bitsandbytes warning')\n")
+    run = lambda pre: subprocess.run([sys.executable, "-c", probe.format(pre=pre)], env=env, capture_output=True,
+                                     text=True, timeout=300)
+    control, quiet = run(""), run("import lowmem_nablagfn\n")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "a real kernels warning" in quiet.stderr and "a real bitsandbytes warning" in quiet.stderr
+    import lowmem_nablagfn
+
+    for name, prefixes in lowmem_nablagfn.KNOWN_NOISE.items():
+        assert not any(p in quiet.stderr for p in prefixes), quiet.stderr
+    noisy = [p for prefixes in lowmem_nablagfn.KNOWN_NOISE.values() for p in prefixes if p in control.stderr]
+    if not noisy:
+        pytest.skip("this install's bitsandbytes prints no known noise (no `kernels` package or no AVX512-BF16): "
+                    "only the pass-through half was checked")
+
+
 def test_eval_models_load_without_diffusers_empty_float32_warning():
     import logging
 

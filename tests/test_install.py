@@ -81,3 +81,58 @@ def test_profile_from_a_wheel_writes_where_the_user_runs(installed, tmp_path):
     assert (tmp_path / "runs").is_dir()  # logging.output_dir is relative to the working directory
     assert _files(target) == before  # nothing written into the install
     assert not (target / "benchmarks").exists()
+
+
+def _declared_requirements() -> list:
+    """The package's requirements and those of the extras CI installs (dev, bnb, deepspeed)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in ("dev", "bnb", "deepspeed"):
+        reqs += project["optional-dependencies"][extra]
+    return [re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] for r in reqs]
+
+
+def _pins() -> dict:
+    import re
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_declared_dependency():
+    """The README's install commands and .ci/run install with ``-c constraints.txt``: every dependency
+    the suite runs with has an exact version there (a new dependency without a pin is an error here)."""
+    import re
+
+    pins, torch_stack = _pins(), {"torch", "torchvision"}  # named by the install commands themselves
+    missing = [r for r in _declared_requirements()
+               if r not in torch_stack and re.sub(r"[-_.]+", "-", r).lower() not in pins]
+    assert not missing, f"add these to constraints.txt (bash .ci/latest --write-constraints): {missing}"
+    assert not torch_stack & set(pins), "the torch stack stays out of constraints.txt (a CUDA machine keeps its own)"
+    for cmd in ((ROOT / ".ci" / "run").read_text(), (ROOT / "README.md").read_text()):
+        assert "-c constraints.txt" in cmd and "torch==2.14.1" in cmd
+
+
+@pytest.mark.skipif(os.environ.get("LOWMEM_CI_UNPINNED") == "1", reason="bash .ci/latest: newest versions on purpose")
+def test_installed_versions_are_the_pinned_ones():
+    """Drift is seen here first: an environment installed without the constraints (or a registry that
+    served something else) fails with the list of differences."""
+    from importlib.metadata import distributions
+
+    import re
+
+    pins, drift = _pins(), {}
+    for d in distributions():
+        name = re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()
+        if name in pins and pins[name] != d.version:  # transitive ones too: `kernels` came in as one
+            drift[name] = (pins[name], d.version)
+    assert not drift, (f"installed versions differ from constraints.txt (pinned, installed): {drift}; install with "
+                       f"`pip install -c constraints.txt -e '.[dev,bnb,deepspeed]'` or refresh the pins with "
+                       f"`bash .ci/latest --write-constraints`")
