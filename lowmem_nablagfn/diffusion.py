@@ -1,4 +1,4 @@
-"""Per-step Gaussian transitions of the supported samplers, and the scores of ALGORITHM.md.
+"""Per-step Gaussian transitions of the supported samplers, and the scores of docs/algorithm.md.
 
 Both samplers are, step by step, a Gaussian whose mean is *linear* in the current latent and the
 (guided) noise prediction::

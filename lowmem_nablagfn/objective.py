@@ -1,4 +1,4 @@
-"""Residual ∇-DB and no-flow losses as pure functions of tensors (ALGORITHM.md, "Loss").
+"""Residual ∇-DB and no-flow losses as pure functions of tensors (docs/algorithm.md, "Loss").
 
 For one batch of ``N`` transitions ``x_t -> x_{t-1}`` (rows), with ``end`` marking the last one::
 

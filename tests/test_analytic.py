@@ -128,7 +128,7 @@ def test_target_mixture_uses_effective_terminal_tilt(sched20):
 
 
 def _naive_loss(policy, flow, sched, cfg, x, x_next, eps_sampled, j, end_norm):
-    """The batch loss of ALGORITHM.md written out row by row from the Gaussian transition density
+    """The batch loss of docs/algorithm.md written out row by row from the Gaussian transition density
     ``log P_F(x' | x) = -|x' - c_x x - c_eps ε(x)|² / (2σ²)`` by autograd (no library score, loss or
     executor function).  Returns (loss, terms)."""
     a = torch.tensor(cfg.reward_direction)

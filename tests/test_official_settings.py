@@ -1,5 +1,5 @@
 """The paper's command gives the paper's run: the official numbers, copied here from the official
-``config/default_config.py`` / ``config/aesthetic.py`` / README and the paper (ALGORITHM.md, "Official
+``config/default_config.py`` / ``config/aesthetic.py`` / README and the paper (docs/algorithm.md, "Official
 defaults"), held against the dataclass defaults and the presets that reproduce each run."""
 import pytest
 

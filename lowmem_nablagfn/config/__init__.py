@@ -1,6 +1,6 @@
 """The configuration tree: one dataclass per section, every field documented, presets in YAML.
 
-Defaults are the official ``default_config.py`` settings of ALGORITHM.md ("Official defaults"),
+Defaults are the official ``default_config.py`` settings of docs/algorithm.md ("Official defaults"),
 except the model and the reward, which stay offline-friendly (``pretrained.model=tiny``,
 ``reward.name=builtin:redness``, ``prompts.set=simple_animals``): the paper's runs are the
 ``sd15_a100x8*`` presets.  Batch arithmetic, per process::

@@ -187,7 +187,7 @@ class MemoryConfig:
     """Draw the trained transitions before sampling and store only those (memory ∝ K+1, not T)."""
     transition_dtype: str = "fp32"
     """Storage of the kept transitions (x_t, x_{t-1}, sampled ε): ``fp32`` (default) or ``bf16``
-    (half the buffer; ~11 % relative error in s_F at the last transition, ALGORITHM.md)."""
+    (half the buffer; ~11 % relative error in s_F at the last transition, docs/algorithm.md)."""
     offload_trajectories: bool = False
     """Keep trajectory buffers in (pinned) CPU memory between sampling and training."""
     offload_text_encoder: bool = False

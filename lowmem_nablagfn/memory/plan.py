@@ -12,7 +12,7 @@ the reference UNet at ``x_t`` with a graph (reverse score), the LoRA UNet at ``x
 to the end, the LoRA UNet at ``x_{t-1}`` + VAE decode + reward with graphs for the reward gradient,
 and (residual mode) a second VAE + reward graph hanging off the ``x_t`` graph; then that slot's
 backward.  The baseline of every "vs" figure (benchmarks, planner).  Only the order and the graphs
-follow the official code: the loss normalisation is ours (one divisor for the batch, ALGORITHM.md).
+follow the official code: the loss normalisation is ours (one divisor for the batch, docs/algorithm.md).
 
 ``naive`` — the same passes with all ``B·(K+1)`` rows of the batch in one graph and one backward:
 the plainest computation of the batch loss, kept as the gradient reference of the tests.

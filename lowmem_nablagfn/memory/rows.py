@@ -50,7 +50,7 @@ class Rows:
         return self.x.shape[0]
 
     def norms(self, transitions_per_trajectory: int) -> Tuple[float, float]:
-        """The batch's loss divisors ``(row_norm, end_norm)`` (ALGORITHM.md, "Loss"): the mean over
+        """The batch's loss divisors ``(row_norm, end_norm)`` (docs/algorithm.md, "Loss"): the mean over
         rows, and the terminal term's mean over last transitions inside the mean over a trajectory's
         transitions.  Chunks of the batch pass these on, so that they sum to the batch loss."""
         return float(len(self)), (float(self.end.sum()) + 1e-6) * transitions_per_trajectory

@@ -1,6 +1,6 @@
 """Transition subsampling, PyTorch reference (the source of truth for the fast kernel).
 
-ALGORITHM.md, "Transition subsampling": with ``K = int(T * timestep_fraction)``, each trajectory
+docs/algorithm.md, "Transition subsampling": with ``K = int(T * timestep_fraction)``, each trajectory
 trains on the last transition (step index ``T-1``) plus
 
 * low-variance mode: one index drawn uniformly from each of ``K`` equal consecutive blocks of the
