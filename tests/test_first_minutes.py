@@ -53,8 +53,12 @@ def test_presets_name_live_hub_repositories(preset):
 
 
 def test_readme_names_no_withdrawn_repository():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert "runwayml/" not in readme.replace("`runwayml/stable-diffusion-v1-5`, withdrawn", "")
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for path in [os.path.join(root, "README.md"), *glob.glob(os.path.join(root, "docs", "*.md"))]:
+        text = open(path).read()
+        assert "runwayml/" not in text.replace("`runwayml/stable-diffusion-v1-5`, withdrawn", ""), path
 
 
 def test_quiet_start_no_optional_dependency_noise():
