@@ -13,9 +13,10 @@ holding the whole optimiser state.
 stage 1/2 partitioning its AdamW state (optionally offloaded to CPU memory), the gradients of an
 update reduce-scattered once (see :mod:`.zero`).
 
-Modules: :mod:`.group` (process group, device, rank helpers), :mod:`.collectives` (gathers,
-averages, a vote), :mod:`.sync` (the :class:`GradientSync` interface, ``SHARD_DIR``), :mod:`.ddp`
-(:class:`DataParallel`), :mod:`.zero` (:class:`ZeroDataParallel`, ``deepspeed_config``).
+Modules: :mod:`.group` (process group and its backends, the device of collectives, rank helpers),
+:mod:`.collectives` (gathers, averages, a vote), :mod:`.sync` (the :class:`GradientSync` interface,
+``SHARD_DIR``), :mod:`.ddp` (:class:`DataParallel`), :mod:`.zero` (:class:`ZeroDataParallel`,
+``deepspeed_config``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 from .collectives import (any_rank, average_gradients, broadcast_object, gather_objects,  # noqa: F401
                           gather_tensor, mean_over_ranks)
 from .ddp import DataParallel
-from .group import (barrier, check_launcher, free_port, init_process_group, is_distributed,  # noqa: F401
-                    is_main, launched, pick_device, rank, world_size)
+from .group import (BACKENDS, barrier, check_launcher, collective_device, free_port,  # noqa: F401
+                    init_process_group, is_distributed, is_main, launched, pick_device, rank, world_size)
 from .sync import SHARD_DIR, GradientSync
 from .zero import ZeroDataParallel, deepspeed_config  # noqa: F401
 
@@ -42,7 +43,8 @@ def make_gradient_sync(dcfg, optimizer: torch.optim.Optimizer, max_grad_norm: fl
     return DataParallel(optimizer, max_grad_norm, scaler)
 
 
-__all__ = ["SHARD_DIR", "DataParallel", "GradientSync", "ZeroDataParallel", "any_rank", "average_gradients",
-           "barrier", "broadcast_object", "check_launcher", "deepspeed_config", "free_port", "gather_objects",
-           "gather_tensor", "init_process_group", "is_distributed", "is_main", "launched", "make_gradient_sync",
-           "mean_over_ranks", "pick_device", "rank", "world_size"]
+__all__ = ["BACKENDS", "SHARD_DIR", "DataParallel", "GradientSync", "ZeroDataParallel", "any_rank",
+           "average_gradients", "barrier", "broadcast_object", "check_launcher", "collective_device",
+           "deepspeed_config", "free_port", "gather_objects", "gather_tensor", "init_process_group",
+           "is_distributed", "is_main", "launched", "make_gradient_sync", "mean_over_ranks", "pick_device",
+           "rank", "world_size"]

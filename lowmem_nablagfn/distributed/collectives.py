@@ -1,6 +1,9 @@
 """Collectives over the job's ranks: gradient averaging, gathers, a broadcast, metric means, a vote.
 
-Each is the identity in a single process, and every rank must call it together.
+Each is the identity in a single process, and every rank must call it together.  Every tensor a
+collective sends is on :func:`.group.collective_device` (a CPU tensor on a group of NCCL alone would
+raise "No backend type associated with device type cpu"); the object collectives serialise on the
+device PyTorch picks for the group (the CPU on the groups this package makes).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .group import is_distributed, world_size
+from .group import collective_device, is_distributed, world_size
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -21,12 +24,13 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = flat.to(collective_device(flat))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     offset = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+        g.copy_(flat[offset:offset + n].view_as(g))  # back to the gradient's own device
         offset += n
 
 
@@ -34,12 +38,14 @@ def gather_tensor(x: Tensor) -> Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 across ranks."""
     if not is_distributed():
         return x
-    out = [torch.zeros_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    sent = x.to(collective_device(x)).contiguous()
+    out = [torch.zeros_like(sent) for _ in range(world_size())]
+    dist.all_gather(out, sent)
+    return torch.cat(out).to(x.device)
 
 
 def gather_objects(items: list) -> list:
+    """Every rank's ``items`` concatenated in rank order (picklable objects)."""
     if not is_distributed():
         return list(items)
     out: list = [None] * world_size()
@@ -61,16 +67,15 @@ def mean_over_ranks(metrics: Dict[str, float]) -> Dict[str, float]:
     if not is_distributed() or not metrics:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return {k: float(v) / world_size() for k, v in zip(keys, values)}
+    return {k: v / world_size() for k, v in zip(keys, values.tolist())}
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (so that all ranks take the same branch)."""
     if not is_distributed():
         return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([float(flag)], device=device)
+    value = torch.tensor([float(flag)], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)

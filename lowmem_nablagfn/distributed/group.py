@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,8 +54,16 @@ def check_launcher(dcfg) -> None:
                            f"{' '.join(problems)} to the command (or change the accelerate config)")
 
 
+# The backend string of the group joined on each device type.  NCCL serves CUDA tensors only: a
+# collective on a CPU tensor (the epoch's metrics, a vote, a pickled object) would raise "No backend
+# type associated with device type cpu", so a CUDA job's group also has gloo for the CPU (PyTorch's own
+# default device map); tensors on the GPU (gradients, rewards) still go through NCCL.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def init_process_group(device: torch.device, dcfg) -> None:
-    """Join the job's process group once: nccl on CUDA, gloo on CPU, from the launcher's environment.
+    """Join the job's process group once (:data:`BACKENDS`: NCCL and gloo on CUDA, gloo on the CPU)
+    from the launcher's environment.
 
     Without a launcher a single process trains alone, except with DeepSpeed, which needs a process
     group even for one process: then a local world of one is made (no MPI discovery).
@@ -63,14 +72,33 @@ def init_process_group(device: torch.device, dcfg) -> None:
     check_launcher(dcfg)
     if not dist.is_available() or dist.is_initialized():
         return
-    kind = "nccl" if device.type == "cuda" else "gloo"
+    if not (launched() or dcfg.backend == "deepspeed"):
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives and barriers run on the current device
     if launched():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(kind, init_method="env://")
-    elif dcfg.backend == "deepspeed":
+        dist.init_process_group(BACKENDS[device.type], init_method="env://")
+    else:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
-        dist.init_process_group(kind, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(BACKENDS[device.type], init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1)
+
+
+def collective_device(like: Optional[torch.Tensor] = None) -> torch.device:
+    """The device a collective's tensors go on in the job's process group: the one place that decides.
+
+    ``like``'s own device when the group has a backend for its type (no copy: gradients and rewards
+    on the GPU go to NCCL where they lie); else the CPU when the group has a CPU backend (the groups
+    :func:`init_process_group` makes); else this rank's GPU (a group of NCCL alone, made before this
+    package's: NCCL has no CPU backend).  Callers copy there and back.
+    """
+    entries = dist.get_backend_config().split(",")
+    types = {e.split(":")[0] for e in entries if ":" in e}
+    if like is not None and like.device.type in types:
+        return like.device
+    if "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def is_distributed() -> bool:
@@ -91,4 +119,5 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        device = collective_device()
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
