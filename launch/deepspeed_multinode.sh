@@ -10,7 +10,7 @@
 # EXPORT_VARS (more variable names to send to every worker).
 # pdsh workers get only NCCL*/PYTHON*/UCX*/... and what a DeepSpeed env file lists: this script writes
 # one (DS_ENV_FILE) with OMP_NUM_THREADS, the HF_* / TRANSFORMERS_* / WANDB_* variables, the CUDA
-# allocator setting and EXPORT_VARS, plus the lines of ~/.deepspeed_env and ./.deepspeed_env if present.
+# allocator setting, GLOO_* (the gloo half of the process group, e.g. GLOO_SOCKET_IFNAME) and EXPORT_VARS, plus the lines of ~/.deepspeed_env and ./.deepspeed_env if present.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 HOSTFILE="${HOSTFILE:-$HERE/hostfile}"
@@ -25,7 +25,7 @@ ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/lowmem-nablagfn-ds-env.XXXXXX")"
 trap 'rm -f "$ENV_FILE"' EXIT
 for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do [[ -f "$f" ]] && cat "$f" >> "$ENV_FILE"; done
 for name in OMP_NUM_THREADS PYTORCH_CUDA_ALLOC_CONF TOKENIZERS_PARALLELISM TORCH_EXTENSIONS_DIR \
-    $(compgen -e | grep -E '^(HF_|HUGGINGFACE_|TRANSFORMERS_|WANDB_|TORCH_NCCL_)' || true) ${EXPORT_VARS:-}; do
+    $(compgen -e | grep -E '^(HF_|HUGGINGFACE_|TRANSFORMERS_|WANDB_|TORCH_NCCL_|GLOO_)' || true) ${EXPORT_VARS:-}; do
   [[ -n "${!name+x}" ]] && printf '%s=%s\n' "$name" "${!name}" >> "$ENV_FILE"
 done
 export DS_ENV_FILE="$ENV_FILE"
