@@ -26,19 +26,21 @@ Modules: :mod:`.state` (TrainingState, file names, errors), :mod:`.files` (atomi
 verification, a run's checkpoints), :mod:`.saving` (save / load), :mod:`.resume` (plan_run,
 start_run, compare_configs).
 """
-from .files import (atomic_write_text, checkpoints, latest_checkpoint, make_temp_dir, newest_first, read_manifest,
-                    remove_stale_temporaries, sha256, usual_modes, verify, write_manifest)
+from .files import (atomic_write_text, checkpoints, epoch_of, fsync_dir, fsync_tree, latest_checkpoint, make_temp_dir,
+                    newest_first, read_manifest, remove_stale_temporaries, set_aside, sha256, usual_modes, verify,
+                    write_manifest)
 from .resume import (HARMLESS, NOT_HARMLESS, RUN_OUTPUTS, RunPlan, compare_configs, env_world_size, plan_run,
                      start_run, truncate_metrics)
 from .saving import load, load_lora_into, lora_state_dict, save, save_lora
-from .state import (DAMAGED_DIR, FLOW_DIR, FLOW_FILE, FORMAT, LIKELY_CAUSES, LORA_FILE, MANIFEST, RANK_FILE,
-                    STATE_FILE, NonFiniteError, RunError, TrainingState, buffer_from_state, buffer_state,
+from .state import (ABANDONED_DIR, DAMAGED_DIR, FLOW_DIR, FLOW_FILE, FORMAT, LIKELY_CAUSES, LORA_FILE, MANIFEST,
+                    RANK_FILE, STATE_FILE, NonFiniteError, RunError, TrainingState, buffer_from_state, buffer_state,
                     check_finite, rng_state, set_rng_state)
 
-__all__ = ["DAMAGED_DIR", "FLOW_DIR", "FLOW_FILE", "FORMAT", "HARMLESS", "LIKELY_CAUSES", "LORA_FILE", "MANIFEST",
-           "NOT_HARMLESS", "NonFiniteError", "RANK_FILE", "RUN_OUTPUTS", "RunError", "RunPlan", "STATE_FILE",
-           "TrainingState", "atomic_write_text", "buffer_from_state", "buffer_state",
-           "check_finite", "checkpoints", "compare_configs", "env_world_size", "latest_checkpoint", "load",
+__all__ = ["ABANDONED_DIR", "DAMAGED_DIR", "FLOW_DIR", "FLOW_FILE", "FORMAT", "HARMLESS", "LIKELY_CAUSES", "LORA_FILE",
+           "MANIFEST", "NOT_HARMLESS", "NonFiniteError", "RANK_FILE", "RUN_OUTPUTS", "RunError", "RunPlan",
+           "STATE_FILE", "TrainingState", "atomic_write_text", "buffer_from_state", "buffer_state",
+           "check_finite", "checkpoints", "compare_configs", "env_world_size", "epoch_of", "fsync_dir", "fsync_tree",
+           "latest_checkpoint", "load",
            "load_lora_into", "lora_state_dict", "make_temp_dir", "newest_first", "plan_run", "read_manifest",
-           "remove_stale_temporaries", "rng_state", "save", "save_lora", "set_rng_state", "sha256",
+           "remove_stale_temporaries", "rng_state", "save", "save_lora", "set_aside", "set_rng_state", "sha256",
            "start_run", "truncate_metrics", "usual_modes", "verify", "write_manifest"]

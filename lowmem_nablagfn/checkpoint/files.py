@@ -2,6 +2,7 @@
 every file of a checkpoint), verification, and the list of a run's checkpoints (newest intact first)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,8 +35,34 @@ def usual_modes(directory: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make ``directory``'s entries (files created, renamed or removed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network and FUSE file systems cannot flush a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file below ``directory`` on disk, then every directory, deepest first, ``directory`` last:
+    what a rename of ``directory`` publishes must be durable before the rename is."""
+    paths = sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for p in paths:
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for p in [*paths, directory]:
+        if p.is_dir() and not p.is_symlink():
+            fsync_dir(p)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` (0644 under umask 022) and rename it."""
+    """Write ``text`` to a temporary file beside ``path`` (0644 under umask 022) and rename it; both
+    the contents and the rename are durable on return."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -47,6 +74,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def set_aside(path: Path, into: Path, copy: bool = False) -> Path:
+    """Move (``copy``: copy) ``path`` into directory ``into`` (made if needed) under its name, or
+    ``NAME.1``, ``NAME.2`` … when that is taken — nothing there is replaced; returns where it went (durably)."""
+    into.mkdir(parents=True, exist_ok=True)
+    dest, n = into / path.name, 0
+    while dest.exists():
+        n += 1
+        dest = into / f"{path.name}.{n}"
+    if copy:
+        shutil.copy2(path, dest)
+        with open(dest, "rb") as f:
+            os.fsync(f.fileno())
+    else:
+        os.rename(path, dest)
+        fsync_dir(path.parent)
+    fsync_dir(into)
+    return dest
 
 
 def sha256(path: Path) -> str:
@@ -104,7 +151,8 @@ def verify(directory: Path) -> Optional[str]:
     return None
 
 
-def _epoch_of(path: Path) -> int:
+def epoch_of(path: Path) -> int:
+    """The epoch of a checkpoint directory ``epoch-XXXXXX`` (-1 for any other name)."""
     try:
         return int(path.name.split("-", 1)[1])
     except (IndexError, ValueError):
@@ -114,7 +162,7 @@ def _epoch_of(path: Path) -> int:
 def checkpoints(run_dir: Path) -> List[Path]:
     """``RUN/checkpoints/epoch-*`` directories, oldest first."""
     root = run_dir / "checkpoints"
-    return sorted((p for p in root.glob("epoch-*") if p.is_dir() and _epoch_of(p) >= 0), key=_epoch_of) \
+    return sorted((p for p in root.glob("epoch-*") if p.is_dir() and epoch_of(p) >= 0), key=epoch_of) \
         if root.is_dir() else []
 
 

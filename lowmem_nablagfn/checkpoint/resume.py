@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from .files import atomic_write_text, checkpoints, newest_first, read_manifest, remove_stale_temporaries, verify
-from .state import DAMAGED_DIR, MANIFEST, STATE_FILE, RunError
+from .files import (atomic_write_text, checkpoints, epoch_of, newest_first, read_manifest, remove_stale_temporaries,
+                    set_aside, verify)
+from .state import ABANDONED_DIR, DAMAGED_DIR, MANIFEST, STATE_FILE, RunError
 
 #: Config keys whose change on resume does not alter what is trained (logged, allowed). Prefixes end
 #: in ".". ``memory.*`` only moves memory around (checkpointing, chunking, offloading, kernels).
@@ -26,6 +27,32 @@ RUN_OUTPUTS = ("checkpoints", "lora", "samples", "tensorboard", "report", "repor
                "config.json", "eval")
 
 
+def is_run(run_dir: Path) -> bool:
+    """The run marker: ``config.json`` as :func:`start_run` writes it (a configuration with its
+    ``logging`` and ``pretrained`` sections), or a checkpoint with a manifest."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("logging"), dict) and \
+                {"output_dir", "run_name"} <= saved["logging"].keys() and isinstance(saved.get("pretrained"), dict):
+            return True
+    except (OSError, ValueError):
+        pass
+    return any((c / MANIFEST).is_file() for c in checkpoints(run_dir))
+
+
+def check_overwrite(run_dir: Path) -> None:
+    """``logging.overwrite`` deletes :data:`RUN_OUTPUTS` only in a directory :func:`is_run` marks as a run.
+
+    Raises:
+        RunError: ``run_dir`` holds some of those names but is not a run (someone's own files).
+    """
+    present = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if present and not is_run(run_dir):
+        raise RunError(f"--overwrite (logging.overwrite=true) would delete {', '.join(present)} in {run_dir}, which is "
+                       f"not a lowmem-nablagfn run (no config.json of a run, no checkpoint manifest); nothing was "
+                       f"deleted. Choose another logging.run_name or logging.output_dir")
+
+
 @dataclass
 class RunPlan:
     """What :func:`plan_run` decided.
@@ -36,6 +63,9 @@ class RunPlan:
         epoch: that checkpoint's epoch (None for a fresh start).
         notes: what the user should know (harmless config changes, damaged checkpoints skipped).
         damaged: checkpoints of this run newer than ``checkpoint`` that failed verification.
+        abandoned: intact checkpoints of this run newer than ``checkpoint`` (a resume from an older
+            one): the branch this resume leaves, set aside so that pruning and ``--resume`` never
+            mistake it for this one.
         overwrite: delete the run's earlier outputs before starting.
     """
 
@@ -45,6 +75,7 @@ class RunPlan:
     notes: List[str] = field(default_factory=list)
     damaged: List[Path] = field(default_factory=list)
     overwrite: bool = False
+    abandoned: List[Path] = field(default_factory=list)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -101,6 +132,8 @@ def plan_run(cfg, resume: Optional[str] = None, world_size: Optional[int] = None
             raise RunError(f"{run_dir} already holds checkpoints (newest: {own[-1].name}); continue that run "
                            f"with --resume, or start afresh under a new logging.run_name=NAME, or with "
                            f"--overwrite (logging.overwrite=true), which deletes its checkpoints and outputs")
+        if overwrite:
+            check_overwrite(run_dir)
         return RunPlan(run_dir, overwrite=overwrite)
     if overwrite:
         raise RunError("--resume and --overwrite (logging.overwrite=true) contradict each other; give one")
@@ -143,7 +176,11 @@ def plan_run(cfg, resume: Optional[str] = None, world_size: Optional[int] = None
                        + "\nresume with the checkpoint's values (its config: manifest.json or the run's config.json), "
                          "or start a new run (logging.run_name=NAME)")
     notes += [f"changed since the checkpoint: {line}" for line in allowed]
-    return RunPlan(run_dir, chosen, int(manifest["epoch"]), notes, damaged if same_run else [])
+    if not same_run:
+        return RunPlan(run_dir, chosen, int(manifest["epoch"]), notes)
+    skipped = {p.resolve() for p in damaged}
+    newer = [p for p in own if epoch_of(p) > epoch_of(chosen) and p.resolve() not in skipped]
+    return RunPlan(run_dir, chosen, int(manifest["epoch"]), notes, damaged, abandoned=newer)
 
 
 def _is_main_process() -> bool:
@@ -152,7 +189,8 @@ def _is_main_process() -> bool:
 
 def start_run(plan: RunPlan, cfg) -> None:
     """Rank 0, after :func:`plan_run`: overwrite if asked, remove stale temporaries, set damaged
-    checkpoints aside (``checkpoints/damaged/``), cut ``metrics.jsonl`` back to the resumed epoch,
+    checkpoints aside (``checkpoints/damaged/``) and those newer than the one resumed from
+    (``checkpoints/abandoned/``), cut ``metrics.jsonl`` back to the resumed epoch,
     write ``config.json``, print the plan's notes."""
     from ..config import to_dict
 
@@ -167,12 +205,19 @@ def start_run(plan: RunPlan, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     for bad in plan.damaged:
-        aside = run_dir / "checkpoints" / DAMAGED_DIR / bad.name
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(bad, aside)
+        aside = set_aside(bad, run_dir / "checkpoints" / DAMAGED_DIR)
         plan.notes.append(f"moved damaged {bad.name} to {aside}")
-    if plan.checkpoint is not None and plan.checkpoint.parent == run_dir / "checkpoints":
+    if plan.abandoned:
+        aside = run_dir / "checkpoints" / ABANDONED_DIR
+        for newer in plan.abandoned:
+            set_aside(newer, aside)
+        if (run_dir / "metrics.jsonl").is_file():  # about to be cut back: that branch's curve goes with it
+            set_aside(run_dir / "metrics.jsonl", aside, copy=True)
+        names = ", ".join(p.name for p in plan.abandoned)
+        plan.notes.append(f"resuming from {plan.checkpoint.name}, older than {names}: moved those and a copy of "
+                          f"metrics.jsonl to {aside} (kept; --resume one of them with a new "
+                          f"logging.run_name=NAME to continue that branch)")
+    if plan.checkpoint is not None and plan.checkpoint.parent.resolve() == (run_dir / "checkpoints").resolve():
         atomic_write_text(run_dir / "checkpoints" / "latest", plan.checkpoint.name + "\n")
     truncate_metrics(run_dir / "metrics.jsonl", plan.epoch)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))

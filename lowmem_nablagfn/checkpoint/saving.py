@@ -13,7 +13,8 @@ from torch import nn
 
 from .. import distributed as dist
 from ..distributed import SHARD_DIR
-from .files import atomic_write_text, checkpoints, make_temp_dir, usual_modes, write_manifest
+from .files import (atomic_write_text, checkpoints, epoch_of, fsync_dir, fsync_tree, make_temp_dir, usual_modes,
+                    write_manifest)
 from .state import (FLOW_DIR, FLOW_FILE, LORA_FILE, RANK_FILE, STATE_FILE, RunError, TrainingState,
                     check_finite, set_rng_state)
 
@@ -64,9 +65,11 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
     Collective: every rank calls it at the same epoch (decided from the epoch number).  Rank 0 makes
     the temporary directory; every rank writes its own part (its sample buffer and RNG state when
     several, its ZeRO partitions); after a barrier rank 0 writes the LoRA, the flow model, the
-    training state and the manifest, renames the directory and prunes to the newest ``keep``.
-    The run directory must be on a file system every node sees.  Non-finite weights are refused
-    (on every rank, before anything is written).
+    training state and the manifest, flushes every file and directory of it to disk (the other ranks'
+    files too), renames it, flushes the rename, points ``latest`` at it and only then prunes to the
+    newest ``keep`` (a power loss at any point leaves an intact checkpoint).  The run directory must
+    be on a file system every node sees.  Non-finite weights are refused (on every rank, before
+    anything is written).
     """
     check_finite({f"lora.{k}": v for k, v in lora_state_dict(unet).items()}, "the LoRA")
     if flow_model is not None:
@@ -74,7 +77,9 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
     root = run_dir / "checkpoints"
     tmp = None
     if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            fsync_dir(root.parent)
         tmp = str(make_temp_dir(root, f".tmp-epoch-{state.epoch:06d}-"))
     tmp = Path(dist.broadcast_object(tmp))
     final = root / f"epoch-{state.epoch:06d}"
@@ -94,11 +99,13 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
             torch.save(main, tmp / STATE_FILE)
             usual_modes(tmp)
             write_manifest(tmp, state)
+            fsync_tree(tmp)  # the contents durable before the name that publishes them
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
+            fsync_dir(root)  # the rename durable before any older checkpoint's deletion can be
             atomic_write_text(root / "latest", final.name + "\n")
-            _prune(root, keep)
+            prune(root, keep, final)
     except BaseException:
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,9 +114,14 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = checkpoints(root.parent)
-    for old in done[:-keep] if keep > 0 else []:
+def prune(root: Path, keep: int, written: Path) -> None:
+    """Delete the checkpoints of ``root`` older than ``written`` (the one just saved) beyond the newest
+    ``keep``, ``written`` included; ``keep`` <= 0 keeps all.  Never ``written`` nor anything newer: those
+    belong to another branch of the run (a resume from an older checkpoint sets them aside first)."""
+    if keep <= 0:
+        return
+    older = [p for p in checkpoints(root.parent) if epoch_of(p) < epoch_of(written)]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

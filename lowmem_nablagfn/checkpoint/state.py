@@ -17,6 +17,7 @@ FLOW_DIR = "flow_model"
 FLOW_FILE = "diffusion_pytorch_model.safetensors"
 RANK_FILE = "rank-{:05d}.pt"
 DAMAGED_DIR = "damaged"
+ABANDONED_DIR = "abandoned"
 FORMAT = 1
 
 
@@ -43,7 +44,9 @@ def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
 
 
 def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states as tensors and plain values."""
+    """Python, NumPy, torch and (with CUDA) this process's GPU generator states as tensors and plain
+    values.  Only the current device's CUDA state: a job resumed with other visible GPUs (a SLURM task
+    that sees one GPU resuming a torchrun rank that saw eight) restores it on the device it uses."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": {"version": version, "state": list(internal), "gauss": gauss},
@@ -51,18 +54,27 @@ def rng_state() -> dict:
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Set what :func:`rng_state` saved; a CUDA state applies to this process's current device.
+
+    Checkpoints of versions before issue 23 hold every visible GPU's state (a list): the entry of the
+    current device when the list has one (the same launch as when saved), else the first (a torchrun
+    rank's own state sat at its LOCAL_RANK, which a job with fewer visible GPUs cannot tell)."""
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def buffer_state(traj) -> Optional[dict]:
@@ -83,7 +95,9 @@ def buffer_state(traj) -> Optional[dict]:
     return out
 
 
-def buffer_from_state(state: Optional[dict], device):
+def buffer_from_state(state: Optional[dict], device=None):
+    """The :class:`~lowmem_nablagfn.sampling.Trajectories` of :func:`buffer_state`, on ``device`` (None:
+    where they were loaded, host memory; the trainer then places them with the memory plan's ``park``)."""
     if state is None:
         return None
     from .. import sampling
@@ -92,7 +106,8 @@ def buffer_from_state(state: Optional[dict], device):
     for k, v in state.items():
         if isinstance(v, dict) and "conditioning" in v:
             state[k] = sampling.Conditioning(**v["conditioning"])
-    return sampling.Trajectories(**state).to(device)
+    traj = sampling.Trajectories(**state)
+    return traj if device is None else traj.to(device)
 
 
 @dataclass
