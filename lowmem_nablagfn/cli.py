@@ -1,9 +1,9 @@
-"""``lowmem-nablagfn``: train | eval | export | report | profile | plan | presets | config | help-config —
+"""``lowmem-nablagfn``: train | eval | export | report | profile | plan | presets | config | help-config | doctor —
 parse, load the configuration, call one function.
 
 Options and ``key=value`` overrides may come in any order.  Exit codes: 0 done; 1 the run stopped
 (e.g. non-finite updates); 2 bad input, found before any model is built (configuration, preflight,
-what to resume); 3 predicted not to fit the GPU; 130 interrupted (Ctrl-C); 141 output pipe closed.
+what to resume) or when set-up fails (one line, no traceback); 3 predicted not to fit the GPU; 130 interrupted (Ctrl-C); 141 output pipe closed.
 
 Each subcommand lives in its own module (:data:`SUBCOMMANDS`), which provides
 ``add_parser(subparsers) -> None`` (its flags) and ``run(args) -> int`` (its exit code).  A subcommand
@@ -24,8 +24,11 @@ from typing import Dict, List, Optional
 
 from .config import ConfigError, load_config, validate
 
+#: Set to 1 to see the traceback behind a one-line set-up error.
+TRACEBACK_ENV = "LOWMEM_NABLAGFN_TRACEBACK"
+
 #: The subcommand modules, in the order ``--help`` lists their commands.
-SUBCOMMANDS = ("trainer", "config.cli", "profiler", "planner.cli", "evaluate", "export", "report")
+SUBCOMMANDS = ("trainer", "config.cli", "profiler", "planner.cli", "evaluate", "export", "report", "doctor")
 
 
 def _split_official(argv: List[str]) -> List[str]:
@@ -146,6 +149,8 @@ def _check(args: argparse.Namespace, cfg) -> tuple:
     try:
         if args.command == "plan":
             return invalid, preflight.check_vram(args.vram)
+        if args.command == "config":  # printing a configuration needs no model, files or device
+            return invalid, []
         problems = preflight.check_config(cfg)
         if args.command == "train":
             try:
@@ -161,6 +166,7 @@ def _check(args: argparse.Namespace, cfg) -> tuple:
 
 def _main(argv: List[str], state: dict) -> int:
     from . import checkpoint as ckpt
+    from .preflight import SetupError
 
     parser, owners = build_parser()
     args = _parse(parser, _resume_value(_split_official(argv)))
@@ -178,8 +184,15 @@ def _main(argv: List[str], state: dict) -> int:
             return 2
     try:
         return owners[args.command].run(args)
-    except ckpt.RunError as exc:  # e.g. a checkpoint damaged between the check and the load
+    except (ckpt.RunError, SetupError) as exc:  # e.g. a checkpoint damaged between the check and the load
         print(f"lowmem-nablagfn: {exc}", file=sys.stderr)
+        if isinstance(exc, SetupError):  # one line for the user; the whole story for a bug report
+            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                import traceback
+
+                traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+            else:
+                print(f"lowmem-nablagfn: ({TRACEBACK_ENV}=1 prints the traceback)", file=sys.stderr)
         return 2
     except ckpt.NonFiniteError as exc:
         if _is_main_process():

@@ -166,6 +166,7 @@ def evaluate(target: str | Target, cfg, settings: Optional[EvalSettings] = None,
     """
     from tqdm.auto import tqdm
 
+    from .preflight import setup_errors
     from .rewards import build_reward
     from .rewards.prompts import load_prompts
 
@@ -174,8 +175,9 @@ def evaluate(target: str | Target, cfg, settings: Optional[EvalSettings] = None,
     s = settings or EvalSettings()
     prompts = load_prompts(cfg.prompts.set, s.split)
     prompts = prompts[:s.num_prompts] if s.num_prompts > 0 else prompts
-    m = load_models(cfg, target.lora_file)
-    reward_model = build_reward(cfg.reward, m.device)
+    with setup_errors(passthrough=(FileNotFoundError, ImportError)):  # the rest: one line, exit 2 (cli)
+        m = load_models(cfg, target.lora_file)
+        reward_model = build_reward(cfg.reward, m.device)
     embed, div_method, div_note = diversity_embedder(reward_model, s.dreamsim_cache, m.device)
     clip_score, clip_note = None, "needs a CLIP model: pass --clip DIR, a local transformers CLIP folder (e.g. " \
                                   "`hf download openai/clip-vit-large-patch14 config.json model.safetensors --local-dir DIR`)"

@@ -1,16 +1,23 @@
 """Preflight: what can be checked without building a model, checked before any model is built.
 
-``config``, ``train`` and ``profile`` check the run directory, the prompt file, the reward's and the
-backbone's files and the device; ``plan`` its ``--vram``; ``export`` its destination.  Every
-problem is one line naming the value, why it cannot work and the fix; the CLI prints them together
-and exits 2 (no traceback).  Validation of the values themselves is :func:`config.validate`.
+``train`` and ``profile`` check the run directory, the prompt file, the model (a single file is
+identified, a hub id must be cached offline), the LoRA targets against the model's UNet built on the
+``meta`` device, the attention backend, the reward's and the backbone's files and the device;
+``plan`` its ``--vram``; ``export`` its destination; ``config`` only validates (printing a
+configuration needs no model).  Every problem is one line naming the value, why it cannot work and
+the fix; the CLI prints them together and exits 2 (no traceback).  Validation of the values
+themselves is :func:`config.validate`.
+
+What the configuration cannot tell fails during set-up (loading the weights, the process group, ...):
+:func:`setup_errors` turns it into one :class:`SetupError` line, which the CLI prints, exiting 2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 
 class PreflightError(Exception):
@@ -24,6 +31,24 @@ class PreflightError(Exception):
 def raise_if(problems: Sequence[str]) -> None:
     if problems:
         raise PreflightError(problems)
+
+
+class SetupError(Exception):
+    """Set-up failed (see :func:`setup_errors`): the message is one line."""
+
+
+@contextlib.contextmanager
+def setup_errors(passthrough: tuple = ()) -> Iterator[None]:
+    """Any exception of the enclosed set-up becomes a one-line :class:`SetupError` naming its type
+    and the first line of its message (the original is chained as ``__cause__``).  Ctrl-C and the
+    ``passthrough`` types (which the caller reports itself) pass."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever set-up trips over is reported, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SetupError(f"set-up failed: {type(exc).__name__}: {first or repr(exc)}") from exc
 
 
 # ----------------------------------------------------------------------------- files and directories
@@ -91,8 +116,20 @@ def check_prompts(cfg) -> List[str]:
 
 
 def check_model(cfg) -> List[str]:
-    """A hub id with ``HF_HUB_OFFLINE`` must be in the local hub cache (local directories: validate())."""
+    """A single file must be identified (its header only: no weights read); a hub id with
+    ``HF_HUB_OFFLINE`` must be in the local hub cache (local directories: validate())."""
+    from .config import SINGLE_FILE_SUFFIXES
+
     model = cfg.pretrained.model
+    local = Path(model).expanduser()
+    if local.suffix.lower() in SINGLE_FILE_SUFFIXES and local.is_file():
+        from .models.single_file import SingleFileError, identify
+
+        try:
+            identify(local)
+        except SingleFileError as exc:
+            return [str(exc)]
+        return []
     if model in ("tiny", "sd15-random") or _looks_local(model) or model.count("/") != 1 or not _offline() \
             or Path(model).suffix in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"):  # a single file: validate()
         return []
@@ -152,6 +189,48 @@ def check_reward_files(cfg) -> List[str]:
     return problems
 
 
+def check_attention(cfg) -> List[str]:
+    """``memory.attention`` can run on the device (xformers: installed, and CUDA)."""
+    from .distributed import pick_device
+    from .models.attention import check_attention_backend
+
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError:  # device=cuda without a CUDA device: check_device says so
+        return []
+    try:
+        check_attention_backend(cfg.memory.attention, device)
+    except (ImportError, ValueError) as exc:
+        return [str(exc)]
+    return []
+
+
+def check_lora_targets(cfg) -> List[str]:
+    """``model.lora.target_modules`` name modules of the model's UNet, built from its config on the
+    ``meta`` device (no weights read); skipped when the config cannot be had offline (check_model)."""
+    import torch
+
+    from .models import unet_config_of
+    from .models.lora import target_problem
+    from .models.single_file import SingleFileError
+
+    try:
+        config = unet_config_of(cfg.pretrained.model)
+    except (SingleFileError, OSError, ValueError):  # reported by check_model / validate
+        return []
+    if config is None:
+        return []
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception:  # noqa: BLE001 - a config diffusers cannot build: loading the model says why
+        return []
+    problem = target_problem(unet, list(cfg.model.lora.target_modules))
+    return [problem] if problem else []
+
+
 def check_device(cfg) -> List[str]:
     import torch
 
@@ -168,9 +247,10 @@ def check_device(cfg) -> List[str]:
 
 
 def check_config(cfg) -> List[str]:
-    """Every check of a training configuration (``config``, ``train``, ``profile``)."""
+    """Every check of a configuration that is run (``train``, ``profile``)."""
     problems: List[str] = []
-    for check in (check_run_dir, check_prompts, check_model, check_reward_files, check_device):
+    for check in (check_run_dir, check_prompts, check_model, check_lora_targets, check_attention, check_reward_files,
+                  check_device):
         problems += check(cfg)
     return problems
 

@@ -60,7 +60,12 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
     from . import loop
 
     cfg = one_update_per_epoch(cfg)
-    c = loop.setup(cfg) if components is None else components
+    if components is None:
+        from .preflight import setup_errors
+
+        with setup_errors():  # one line, exit 2 (cli)
+            components = loop.setup(cfg)
+    c = components
     c.cfg = cfg
     per_round = loop.updates_per_epoch(cfg)
     t0 = time.perf_counter()

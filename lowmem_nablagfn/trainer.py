@@ -91,13 +91,17 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     """
     from tqdm.auto import tqdm
 
+    from .preflight import setup_errors
     from .report import refresh_report
     from .summary import train_summary
 
     t_start = time.perf_counter()
     plan = ckpt.plan_run(cfg, resume)  # before any model is built: refuse what cannot start or resume
-    ckpt.start_run(plan, cfg)  # rank 0: stale temporaries, metrics cut back to the resumed epoch, config.json
-    c = setup(cfg)
+    with setup_errors():  # what fails here is one line (exit 2), and the run directory is still untouched
+        c = setup(cfg)
+    # rank 0, only now: --overwrite's deletions, stale temporaries, metrics cut back, config.json
+    ckpt.start_run(plan, cfg)
+    dist.barrier()  # no rank writes into the run directory before it is tidied
     run_dir, lg = c.run_dir, cfg.logging
     logger = MetricLogger(run_dir if dist.is_main() else None, cfg)
     first = 0 if cfg.training.on_policy else -1  # the official loop's epoch -1 only samples
@@ -106,7 +110,7 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
     buffer, start, global_step = None, first, 0
     if plan.checkpoint is not None:  # with this rank's own buffer, RNG and ZeRO partitions
         state = ckpt.load(plan.checkpoint, c.parts.unet, c.flow_model, c.sync)
-        buffer = ckpt.buffer_from_state(state.buffer, c.device)
+        buffer = c.plan.placement.park(ckpt.buffer_from_state(state.buffer), c.device)  # as fresh samples are
         start, global_step = state.epoch + 1, state.global_step
 
     bar = tqdm(total=cfg.training.num_epochs - first, initial=start - first, desc="epochs",

@@ -119,11 +119,13 @@ class Placement:
         return Trajectories(step_index=keep.to(traj.latents.device), prompt_embeds=traj.prompt_embeds,
                             final_latents=traj.final_latents, prompts=traj.prompts, **picked)
 
-    def park(self, traj: Trajectories) -> Trajectories:
+    def park(self, traj: Trajectories, device: Optional[torch.device] = None) -> Trajectories:
         """Stored samples between sampling and training: on the device, or (``offload_trajectories``)
-        in host memory, page-locked when CUDA is there so that the copies back can overlap."""
+        in host memory, page-locked when CUDA is there so that the copies back can overlap.
+        ``device``: the training device, for samples that are not there yet (a resumed buffer,
+        loaded into host memory); None: they are (fresh samples)."""
         if not self.offload_trajectories:
-            return traj
+            return traj if device is None else traj.to(device)
         host = traj.to("cpu")
         return host.pin_memory() if torch.cuda.is_available() else host
 

@@ -13,6 +13,12 @@ encoder under ``cond_stage_model.transformer``; SDXL base: two encoders under
 widths) match the file — the real SD 1.5 / SDXL base configs, or the tiny test models.  SD 2.x,
 the SDXL refiner, inpainting UNets and anything else are refused with a message saying what the
 file looks like.
+
+Marker keys (empty tensors some tools, ComfyUI first, write beside the weights, since the layout
+itself cannot say what the model predicts): ``v_pred`` makes the scheduler config
+``prediction_type="v_prediction"``, which the trainer supports (:mod:`~lowmem_nablagfn.diffusion`); markers of
+schedules it does not follow (:data:`UNSUPPORTED_MARKERS`: zero terminal SNR, EDM) are refused rather
+than trained as epsilon models.
 """
 from __future__ import annotations
 
@@ -32,6 +38,15 @@ SDXL_TEXT = "conditioner.embedders.0.transformer.text_model.final_layer_norm.wei
 SDXL_TEXT_2 = "conditioner.embedders.1.model.ln_final.weight"
 #: family -> built-in architectures a file of that family may have (real one first)
 CANDIDATES = {"sd15": ("sd15-random", "tiny"), "sdxl": ("sdxl-random", "tiny-sdxl")}
+#: the marker key of a v-prediction file
+V_PRED = "v_pred"
+#: marker keys of schedules the trainer does not follow -> what they mean
+UNSUPPORTED_MARKERS = {
+    "ztsnr": "zero terminal SNR (betas rescaled so that the last timestep is pure noise), a schedule the "
+             "trainer's samplers do not follow (SDE-DPM-Solver++ has no rescaled betas)",
+    "edm_vpred.sigma_max": "an EDM v-prediction model (CosXL: continuous sigmas, no DDPM timesteps)",
+    "edm_mean": "an EDM model with latent mean/std (Playground v2.5)",
+}
 
 
 class SingleFileError(ValueError):
@@ -41,11 +56,13 @@ class SingleFileError(ValueError):
 @dataclass
 class Identified:
     """What :func:`identify` found: ``family`` (``sd15`` / ``sdxl``), the matching built-in
-    architecture's name and its component configs (``unet``, ``vae``, ``text``, ``text_2``)."""
+    architecture's name, its component configs (``unet``, ``vae``, ``text``, ``text_2``) and the
+    scheduler config (SD's, with ``prediction_type`` from the file's ``v_pred`` marker)."""
 
     family: str
     architecture: str
     configs: dict
+    scheduler_config: dict
 
 
 def read_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
@@ -95,13 +112,20 @@ def identify(path: str | Path) -> Identified:
     if UNET_IN not in shapes:
         raise SingleFileError(f"cannot identify {path}: {family} text encoder(s) but no UNet "
                               f"({UNET_IN} is missing)")
+    for marker, what in UNSUPPORTED_MARKERS.items():
+        if marker in shapes:
+            raise SingleFileError(f"{path} carries the {marker!r} marker key: {what}; not supported. The trainer "
+                                  f"follows SD's DDPM schedule with epsilon or v-prediction: use such a model")
+    from ..diffusion import SD_SCHEDULER_CONFIG
+
+    scheduler_config = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction" if V_PRED in shapes else "epsilon"}
     unet_in = shapes[UNET_IN]
     for name in CANDIDATES[family]:
         cfgs = BUILTIN_CONFIGS[name]()
         want = (cfgs["text"]["hidden_size"],) + ((cfgs["text_2"]["hidden_size"],) if family == "sdxl" else ())
         if (unet_in[0] == cfgs["unet"]["block_out_channels"][0] and unet_in[1] == cfgs["unet"]["in_channels"]
                 and widths == want):
-            return Identified(family, name, cfgs)
+            return Identified(family, name, cfgs, scheduler_config)
     raise SingleFileError(f"cannot identify {path}: a {family} checkpoint, but its UNet input "
                           f"{unet_in} / text widths {widths} match no shipped configuration "
                           f"({', '.join(CANDIDATES[family])}); inpainting and other variants are not supported")
@@ -112,8 +136,6 @@ def write_config_dir(ident: Identified, root: Path) -> Path:
     ``text_encoder[_2]/``, ``scheduler/``): what ``from_single_file(config=…)`` reads."""
     import diffusers
     from transformers import CLIPTextConfig
-
-    from ..diffusion import SD_SCHEDULER_CONFIG
 
     sdxl = ident.family == "sdxl"
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -129,7 +151,7 @@ def write_config_dir(ident: Identified, root: Path) -> Path:
     files = {"model_index.json": index,
              "unet/config.json": {"_class_name": "UNet2DConditionModel", **ident.configs["unet"]},
              "vae/config.json": {"_class_name": "AutoencoderKL", **ident.configs["vae"]},
-             "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **SD_SCHEDULER_CONFIG}}
+             "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **ident.scheduler_config}}
     for name, obj in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(obj, indent=1, default=list))
@@ -149,8 +171,6 @@ def load_single_file(path: str | Path) -> SDParts:
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..diffusion import SD_SCHEDULER_CONFIG
-
     path = Path(path).expanduser()
     ident = identify(path)
     sdxl = ident.family == "sdxl"
@@ -167,7 +187,7 @@ def load_single_file(path: str | Path) -> SDParts:
             logging.getLogger("diffusers").setLevel(logging.ERROR)
             dlog.disable_progress_bar()
             pipe = cls.from_single_file(str(path), config=tmp, local_files_only=True, tokenizer=tokenizer,
-                                        scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), **extra)
+                                        scheduler=DDIMScheduler.from_config(ident.scheduler_config), **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise SingleFileError(f"{path} looks like {ident.family} ({ident.architecture} shapes) but "
                                   f"diffusers could not convert it: {str(exc).splitlines()[0]}") from exc
@@ -175,5 +195,5 @@ def load_single_file(path: str | Path) -> SDParts:
             logging.getLogger("diffusers").setLevel(level)
             if bars:
                 dlog.enable_progress_bar()
-    return SDParts(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG),
+    return SDParts(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer, dict(ident.scheduler_config),
                    pipe.text_encoder_2 if sdxl else None, tokenizer_2)
