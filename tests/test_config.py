@@ -40,7 +40,7 @@ BAD = [
     (["model.timestep_fraction=1.5"], "timestep_fraction=1.5"),
     (["model.pretrained_strength=2"], "pretrained_strength=2"),
     (["sampling.scheduler=euler"], "sampling.scheduler='euler'"),
-    (["reward.name=clipscore"], "reward.name='clipscore'"),
+    (["reward.name=clipscor"], "reward.name='clipscor'"),
     (["pretrained.model=/does/not/exist"], "no such directory"),
     (["training.batch_size=3"], "does not divide the 8 trajectories"),
     (["training.gradient_accumulation_steps=3"], "does not divide the 4 training batches"),

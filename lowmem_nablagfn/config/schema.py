@@ -132,19 +132,23 @@ class TrainingConfig:
 class RewardConfig:
     name: str = "builtin:redness"
     """``builtin:redness`` | ``builtin:brightness`` | ``builtin:saturation`` (offline, tiny runs),
-    ``aesthetic``, ``hpsv2``, ``imagereward`` (rewards extra, local checkpoints)."""
+    ``aesthetic``, ``hpsv2``, ``imagereward``, ``pickscore``, ``clipscore`` (rewards extra, local checkpoints),
+    or your own: ``path/to/my_reward.py:build`` / ``package.module:build`` (docs/rewards-custom.md)."""
     checkpoint: Optional[str] = None
     """Local path (or hub file when online) of the reward model's weights; None = the default:
     aesthetic — the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` shipped inside the package;
     HPSv2 / ImageReward — the official hub files."""
     backbone: Optional[str] = None
-    """Local path (or hub id) of the backbone, where the reward needs one (aesthetic: CLIP ViT-L/14)."""
+    """Local path (or hub id) of the backbone, where the reward needs one (aesthetic: CLIP ViT-L/14;
+    ImageReward: the bert-base-uncased tokenizer), or the whole model where it is one transformers CLIP
+    folder (pickscore: ``yuvalkirstain/PickScore_v1``; clipscore: ``openai/clip-vit-large-patch14``)."""
     weight_dtype: str = "fp32"
     """Storage dtype of the reward weights (math is always fp32): ``fp32``, ``bf16``, ``fp16``."""
     antialias: Optional[bool] = None
     """Antialiased (PIL-like) bicubic resize to the reward's input size; None = the official
     preprocessing of that reward: aesthetic ``false`` (``F.interpolate(..., mode="bicubic")``, what
-    the paper's β was tuned with), HPSv2 and ImageReward ``true`` (torchvision's resize)."""
+    the paper's β was tuned with), HPSv2, ImageReward, PickScore and CLIPScore ``true`` (torchvision's
+    resize / the CLIP processors' PIL resize)."""
     max_length: Optional[int] = None
     """ImageReward prompt tokens (padded, truncated); None = 35, as ``ImageReward.score`` (the
     official ∇-GFlowNet code pads to 512: the same score up to 35 tokens). Only ImageReward has it."""

@@ -14,6 +14,19 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
 
 
+#: What a local diffusers model directory holds (what models.load_sd reads, SDXL's second encoder aside).
+DIFFUSERS_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                   "scheduler/scheduler_config.json")
+
+
+def is_plain_name(name: str) -> bool:
+    """A directory name that stays inside its parent: not empty, not ``.``/``..``, no path separator."""
+    import os
+
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+
+
 def _nonfinite_floats(node, prefix: str = "") -> List[str]:
     """Dotted names of the float values (lists included) of a config tree that are inf or nan."""
     import math
@@ -33,7 +46,11 @@ def _nonfinite_floats(node, prefix: str = "") -> List[str]:
 def validate(cfg: Config) -> Config:
     """Check every value; raise one :class:`ConfigError` listing each problem with its fix."""
     from ..rewards import known_reward, reward_names
+    from ..rewards.custom import check as check_custom
+    from ..rewards.custom import is_custom
+    from ..rewards.loading import random_size
     from ..rewards.prompts import known_prompt_set
+    from ..models.flow import block_widths_problem
     from ..subsample import SubsampleError, check_blocks, num_blocks
 
     errors: List[str] = []
@@ -96,14 +113,18 @@ def validate(cfg: Config) -> Config:
          f"distributed.zero_stage={cfg.distributed.zero_stage} is not supported; use 2 (or 1). Stage 0 "
          f"is plain gradient averaging (distributed.backend=ddp); stage 3 would partition the LoRA "
          f"weights, which the frozen UNet uses outside DeepSpeed's forward")
-    need(known_reward(cfg.reward.name),
-         f"reward.name={cfg.reward.name!r} is unknown; choose one of "
-         f"{', '.join(reward_names())}")
+    if is_custom(cfg.reward.name):  # the user's build(): imported and tried on one random image now
+        errors += check_custom(cfg.reward, s.resolution if s.resolution > 0 else 64)
+    else:
+        need(known_reward(cfg.reward.name),
+             f"reward.name={cfg.reward.name!r} is unknown; choose one of "
+             f"{', '.join(reward_names())}, or your own as reward.name=path/to/my_reward.py:build "
+             f"(docs/rewards-custom.md)")
     need(known_prompt_set(cfg.prompts.set),
          f"prompts.set={cfg.prompts.set!r} is neither a built-in set (simple_animals, "
          f"hpd_photo_painting, drawbench, imagenet) nor an existing file")
-    need(len(m.flow_block_widths) >= 1 and all(w > 0 and w % 8 == 0 for w in m.flow_block_widths),
-         f"model.flow_block_widths={list(m.flow_block_widths)} must be positive multiples of 8")
+    widths_problem = block_widths_problem(m.flow_block_widths)
+    need(widths_problem is None, widths_problem or "")
     need(not m.lora.target_modules == [], "model.lora.target_modules is empty; name at least one module")
 
     model = cfg.pretrained.model
@@ -112,10 +133,17 @@ def validate(cfg: Config) -> Config:
              f"pretrained.model={model!r}: no such file; give an existing single-file checkpoint "
              f"(.safetensors / .ckpt, A1111 / ComfyUI layout), a diffusers directory or a hub id")
     elif model not in BUILTIN_MODELS and _is_local_path(model):
-        need(Path(model).expanduser().is_dir(),
-             f"pretrained.model={model!r}: no such directory; give a local diffusers model directory "
-             f"(with unet/, vae/, text_encoder/, tokenizer/), a single .safetensors/.ckpt file, a hub id, "
-             f"or one of {', '.join(BUILTIN_MODELS)}")
+        local = Path(model).expanduser()
+        missing = [part for part in DIFFUSERS_PARTS if not (local / part).exists()]
+        if not local.is_dir():
+            errors.append(f"pretrained.model={model!r}: no such directory; give a local diffusers model directory "
+                          f"(with unet/, vae/, text_encoder/, tokenizer/), a single .safetensors/.ckpt file, a hub "
+                          f"id, or one of {', '.join(BUILTIN_MODELS)}")
+        elif missing:
+            errors.append(f"pretrained.model={model!r} is not a diffusers model directory: it lacks "
+                          f"{', '.join(missing)}; give the folder that `save_pretrained` / `hf download` wrote "
+                          f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single "
+                          f".safetensors/.ckpt file or a hub id")
     scheduler_json = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
     if model not in BUILTIN_MODELS and scheduler_json.is_file():  # a local model: its prediction type now
         import json
@@ -131,6 +159,11 @@ def validate(cfg: Config) -> Config:
         need((Path(vae).expanduser() / "config.json").is_file(),
              f"pretrained.vae={vae!r}: no diffusers VAE directory there (config.json + weights); give "
              f"one, a hub id, or leave it unset to keep the model's own VAE")
+    need(is_plain_name(cfg.logging.run_name),
+         f"logging.run_name={cfg.logging.run_name!r} is not a plain name: the run directory is "
+         f"logging.output_dir/logging.run_name, and a name with a path separator, '..' or '.' (or an empty "
+         f"one) would put the run, and what --overwrite deletes, outside logging.output_dir="
+         f"{cfg.logging.output_dir!r}; give a name such as 'sd15_aesthetic_2', and the location as logging.output_dir")
     if s.resolution > 0:
         need(s.resolution % 8 == 0, f"sampling.resolution={s.resolution} must be a multiple of 8")
 
@@ -159,8 +192,21 @@ def validate(cfg: Config) -> Config:
                       f"distributed.backend=ddp with 8-bit AdamW")
     r = cfg.reward
     if r.antialias is not None:
-        need(not r.name.startswith("builtin:"), f"reward.antialias={r.antialias} has no effect on {r.name} "
-                                                f"(built-in rewards do not resize); remove it")
+        need(not r.name.startswith("builtin:") and not is_custom(r.name),
+             f"reward.antialias={r.antialias} has no effect on {r.name} "
+             f"({'a custom reward does its own resizing' if is_custom(r.name) else 'built-in rewards do not resize'}"
+             f"); remove it")
+    if is_custom(r.name):
+        need(r.weight_dtype == "fp32", f"reward.weight_dtype={r.weight_dtype} is for the packaged reward models "
+                                       f"(fp32 math on low-precision weights); a custom reward keeps the weights "
+                                       f"its build() makes: remove it and cast inside build() if you want")
+        for key in ("checkpoint", "backbone"):
+            need(getattr(r, key) is None, f"reward.{key}={getattr(r, key)!r} is not used by a custom reward (its "
+                                          f"build() takes no arguments and loads its own weights); remove it")
+    elif r.name in ("pickscore", "clipscore"):
+        need(r.checkpoint is None or random_size(r.checkpoint) is not None,
+             f"reward.checkpoint={r.checkpoint!r}: {r.name} is one transformers CLIP folder; pass it as "
+             f"reward.backbone=DIR (or a hub id), and leave reward.checkpoint unset (or random / random:reduced)")
     if r.max_length is not None:
         need(r.name == "imagereward", f"reward.max_length={r.max_length} is only used by reward.name=imagereward "
                                       f"(the others tokenise with their own fixed context); remove it")

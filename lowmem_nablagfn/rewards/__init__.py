@@ -1,7 +1,8 @@
 """Rewards: the interface, the built-in rewards, the registry of reward models and prompt sets.
 
-Reward models proper (aesthetic, HPSv2, ImageReward) live in their own modules and are imported
-lazily, so their heavy dependencies (the ``rewards`` extra) are needed only when used.
+Reward models proper (aesthetic, HPSv2, ImageReward, PickScore, CLIPScore) live in their own modules
+and are imported lazily, so their heavy dependencies (the ``rewards`` extra) are needed only when used.
+A user's own reward is named ``path/to/file.py:build`` or ``package.module:build`` (:mod:`.custom`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..dtypes import STORAGE_DTYPES, to_dtype
 from .base import RewardModel
 from .builtin import BUILTIN
+from .custom import is_custom
 
 #: name -> "module:function" building the reward from a RewardConfig and a device.
 EXTERNAL = {
@@ -20,11 +22,14 @@ EXTERNAL = {
     "hpsv2": "lowmem_nablagfn.rewards.hpsv2:build",
     "hpsv2.1": "lowmem_nablagfn.rewards.hpsv2:build",
     "imagereward": "lowmem_nablagfn.rewards.imagereward:build",
+    "pickscore": "lowmem_nablagfn.rewards.pickscore:build",
+    "clipscore": "lowmem_nablagfn.rewards.clipscore:build",
 }
 
 
 def known_reward(name: str) -> bool:
-    return name in BUILTIN or name in EXTERNAL
+    """A built-in or packaged reward, or a custom one's name (whether it loads: ``custom.check``)."""
+    return name in BUILTIN or name in EXTERNAL or is_custom(name)
 
 
 def reward_names() -> list:
@@ -50,9 +55,13 @@ def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
         model = getattr(importlib.import_module(module), fn)(cfg)
         apply_preprocessing_options(model, cfg)
         model.store_weights(to_dtype(cfg.weight_dtype, STORAGE_DTYPES))  # bf16/fp16 storage, fp32 math: rewards/towers.py
+    elif is_custom(cfg.name):
+        from . import custom
+
+        model = custom.build(cfg)  # its own weights and preprocessing: validation refuses the knobs above
     else:
         raise ValueError(f"unknown reward {cfg.name!r}; choose one of {reward_names()}")
     return model.to(device).eval().requires_grad_(False)
 
 
-__all__ = ["RewardModel", "apply_preprocessing_options", "build_reward", "known_reward", "reward_names"]
+__all__ = ["RewardModel", "apply_preprocessing_options", "build_reward", "is_custom", "known_reward", "reward_names"]

@@ -13,8 +13,9 @@ uses a = -0.75 and no low-pass filter: the official ∇-GFlowNet aesthetic rewar
 | aesthetic (CLIP ViT-L/14, transformers' CLIPImageProcessor) | shortest side -> 224, centre crop | 224 | OpenAI CLIP |
 | HPSv2 (open_clip ``image_transform(resize_longest_max=True)``) | longest side -> 224, pad with 0 | 224 | OpenAI CLIP |
 | ImageReward (``Resize(224, BICUBIC)``, ``CenterCrop(224)``) | shortest side -> 224, centre crop | 224 | OpenAI CLIP |
+| PickScore, CLIPScore (transformers' CLIPImageProcessor) | shortest side -> 224, centre crop | 224 | OpenAI CLIP |
 
-For square generated images the three fits are the same bicubic resize.  The math runs in the
+For square generated images every fit is the same bicubic resize.  The math runs in the
 input's floating dtype (float32 from :class:`~lowmem_nablagfn.rewards.base.RewardModel`, float64
 in the finite-difference test).
 """
