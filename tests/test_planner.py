@@ -113,8 +113,11 @@ def test_gpu_allowances_context_and_minimum_slack(tmp_path):
             assert b.phases[name] == pytest.approx(v + b.allowances[name])
     numels = profile.static["trainable_numels"]
     assert b.phases["optimizer"] - a.phases["optimizer"] == pytest.approx(8.0 * (sum(numels) - max(numels)))
-    assert b.allowances["train"] >= planner.CUDNN_WORKSPACE_GIB["grad"] * GiB
-    assert b.allowances["sampling"] == planner.CUDNN_WORKSPACE_GIB["nograd"] * GiB
+    # the tiny model (fp32): one row of its largest convolution's im2col buffer, 32 x 9 x 64 x 64 x 4 bytes
+    workspace = planner.gpu.cudnn_workspace_bytes(profile.models, (8, 8), 4)
+    assert workspace == {"grad": 32 * 9 * 64 * 64 * 4, "nograd": 32 * 9 * 64 * 64 * 4}
+    assert b.allowances["train"] >= workspace["grad"]
+    assert b.allowances["sampling"] == workspace["nograd"]
     assert b.allowances["encode"] == 0 and b.allowances["optimizer"] == 0
     frag = 0.07
     need = b.peak / GiB * (1 + frag) + planner.CONTEXT_GIB_BY_MAJOR[9] + planner.MIN_SLACK_GIB
@@ -257,6 +260,22 @@ def test_prediction_matches_cuda_peak_tiny(tmp_path, no_flow):
     peak, pred, phases = _compare(cfg)
     _report("tiny on CUDA", peak, pred, phases)
     assert pred.peak / GiB == pytest.approx(peak, rel=0.25)
+
+
+def test_cuda_allowances_of_the_tiny_model_fit_the_gpu_tests_tolerance(tmp_path):
+    """The GPU test above holds the tiny model's CUDA prediction to 25 % of max_memory_allocated, which
+    is the traced bytes plus the workspaces of 16- to 64-channel convolutions at 64 px (a few MiB): the
+    cuDNN allowance scales with the largest convolution, so it cannot eat the tolerance by itself, while
+    SD 1.5 at 512 px keeps the flat estimate (:data:`planner.CUDNN_WORKSPACE_GIB`)."""
+    gpu = small_config(tmp_path, "device=cuda", "training.mixed_precision=bf16")
+    pred = planner.predict(gpu, planner.Profile(gpu), (9, 0))
+    traced = pred.peak - pred.allowances[pred.peak_phase]
+    assert pred.allowances[pred.peak_phase] < 0.1 * traced, (pred.peak_phase, pred.allowances, traced / GiB)
+    assert 0 < pred.allowances["sampling"] < 0.1 * traced
+    sd15 = load_config("sd15_rtx4090")
+    flat = planner.predict(sd15, planner.Profile(sd15, allow_trace=False), (8, 9)).allowances
+    assert flat["sampling"] == planner.CUDNN_WORKSPACE_GIB["nograd"] * GiB
+    assert flat["train"] >= planner.CUDNN_WORKSPACE_GIB["grad"] * GiB
 
 
 def test_vae_encoder_is_not_counted_on_an_accelerator(tmp_path):

@@ -115,6 +115,34 @@ def attention_kernels(cfg: Config, models: "Models", capability: Tuple[int, int]
             out[name] = "mem_efficient" if cfg.memory.attention == "xformers" and k == "flash" else k
     return out
 
+
+def cudnn_workspace_bytes(models: "Models", latent_hw: Tuple[int, int], itemsize: int) -> Dict[str, float]:
+    """cuDNN workspace allowance (bytes) of a pass with a backward (``grad``) and without (``nograd``).
+
+    The flat :data:`CUDNN_WORKSPACE_GIB`, but never more than the lowered-GEMM (im2col) buffer of the
+    largest 3x3 convolution for one row: ``in_channels x 9 x height x width x itemsize``.  A workspace
+    is scratch for one convolution call and cuDNN does not ask for more than that lowering needs, so a
+    small model's convolutions get a few MiB (the tiny model at 64 px: 2.3 MiB in bf16), not half a GiB.
+    SD 1.5 at 512 px (the VAE decoder's 256 -> 128-channel convolution at full resolution, 1.1 GiB)
+    and SDXL keep the flat figure: the presets' predictions do not move.
+
+    Args:
+        models: the meta models (their UNet and VAE configs).
+        latent_hw: latent height and width.
+        itemsize: bytes per element of the convolutions' inputs (the frozen dtype).
+    """
+    h, w = latent_hw
+    unet = models.unet.config.block_out_channels
+    vae = list(models.vae.config.block_out_channels)
+    # UNet level i runs at latent / 2^i; the VAE decoder's level i at pixels / 2^i (latent x
+    # 2^(levels-1)), its first convolution there still fed by level i+1's channels
+    largest = [unet[i] * (h >> i) * (w >> i) for i in range(len(unet))]
+    scale = 2 ** (len(vae) - 1)
+    largest += [vae[min(i + 1, len(vae) - 1)] * (h * scale >> i) * (w * scale >> i) for i in range(len(vae))]
+    im2col = 9.0 * max(largest) * itemsize
+    return {kind: min(gib * GiB, im2col) for kind, gib in CUDNN_WORKSPACE_GIB.items()}
+
+
 def parse_vram(text: str) -> float:
     """``24GB``, ``24GiB``, ``24`` (GiB), ``24000MB``, or a card name of :data:`CARDS` -> GiB."""
     if text in CARDS:

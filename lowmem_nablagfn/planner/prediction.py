@@ -17,8 +17,8 @@ from ..config import Config
 from ..dtypes import DTYPES
 from ..memory import build_plan
 from ..memtrack import GiB
-from .gpu import (ATTN_SCRATCH_BYTES, CUDNN_WORKSPACE_GIB, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels,
-                  card_context_gib, default_capability, fragmentation_default)
+from .gpu import (ATTN_SCRATCH_BYTES, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels,
+                  card_context_gib, cudnn_workspace_bytes, default_capability, fragmentation_default)
 from .costs import CALL_OVERHEAD, update_costs
 from .profile import Profile
 
@@ -156,13 +156,14 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
     allowances = {name: 0.0 for name in phases}
     notes = []
     if gpu:
+        workspace = cudnn_workspace_bytes(profile.models, (h, w), DTYPES[t.mixed_precision].itemsize)
         scratch = ATTN_SCRATCH_BYTES * h * w * max(profile.models.unet.config.block_out_channels[0],
                                                    profile.models.vae.config.block_out_channels[-1])
         for name in phases:
             if name in costs:  # a pass with a backward: workspace and the scratch of one call's rows
-                allowances[name] = CUDNN_WORKSPACE_GIB["grad"] * GiB + scratch * costs[name].call_rows
+                allowances[name] = workspace["grad"] + scratch * costs[name].call_rows
             elif name in ("sampling", "final_reward"):
-                allowances[name] = CUDNN_WORKSPACE_GIB["nograd"] * GiB
+                allowances[name] = workspace["nograd"]
             phases[name] += allowances[name]
         math_parts = [k for k, v in kernels.items() if v == "math"]
         if math_parts:
