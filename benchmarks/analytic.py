@@ -4,11 +4,14 @@ Runs on CPU in a few minutes::
 
     python benchmarks/analytic.py                 # full run, appends to benchmarks/RESULTS.md
     python benchmarks/analytic.py --no-append     # print only (and save the figure)
+    python benchmarks/analytic.py --sampler flow-sde --methods nabla_db draft   # the flow-matching case
 
 A 2-D Gaussian mixture is the "pretrained" diffusion model (exact noise prediction under the SD 1.5
 schedule, the project's DDPM sampler), the reward is linear so the tilted target is a Gaussian mixture
 in closed form, and residual ∇-DB, no-flow and a DRaFT-style reward-maximising baseline finetune a
-small residual MLP on top of the exact model (see ``lowmem_nablagfn/analytic/``).  Prints the table
+small residual MLP on top of the exact model (see ``lowmem_nablagfn/analytic/``).  ``--sampler flow-sde``:
+the same mixture under the rectified-flow interpolation (exact velocity, SD 3.5's shift-3 grid,
+Flow-GRPO's SDE with noise level ``--noise-level``; docs/algorithm.md, "Flow matching (SD 3.5)").  Prints the table
 (per-mode mass vs exact, max mass error, MMD vs exact samples, mean reward), saves a figure under
 ``benchmarks/figures/`` and appends a section to ``benchmarks/RESULTS.md``.
 """
@@ -30,7 +33,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from lowmem_nablagfn.results import cpu_name, load_average  # noqa: E402
 from lowmem_nablagfn.analytic import (METHODS, AnalyticConfig, LinearReward,  # noqa: E402
-                                      format_table, run_experiment, verdict)
+                                      flow_matching_config, format_table, run_experiment, sampler_label,
+                                      verdict)
 
 
 def plot(target, untilted, rows, path: Path, max_points: int = 1500) -> None:
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override num_epochs of every method")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "flow-sde"),
+                   help="ddim: DDPM on the SD 1.5 schedule; flow-sde: flow matching (SD 3.5 grid, Flow-GRPO SDE)")
+    p.add_argument("--noise-level", type=float, default=None, help="flow-sde's a (default 0.7)")
     p.add_argument("--figure", default=str(HERE / "figures" / "analytic_tilt.png"))
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -93,7 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=0)
     args = p.parse_args(argv)
 
-    cfg = AnalyticConfig(seed=args.seed)
+    cfg = flow_matching_config(seed=args.seed) if args.sampler == "flow-sde" else AnalyticConfig(seed=args.seed)
+    if args.noise_level is not None:
+        cfg.noise_level = args.noise_level
     if args.epochs is not None:
         cfg.num_epochs = args.epochs
     start = time.perf_counter()
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     print(f"figure: {fig}")
 
     if not args.no_append or args.section_file:
-        defaults = AnalyticConfig()
+        defaults = flow_matching_config() if cfg.flow_matching else AnalyticConfig()
         changed = {f.name: getattr(cfg, f.name) for f in fields(cfg)
                    if getattr(cfg, f.name) != getattr(defaults, f.name)}
         # the command that reproduces the numbers (output-destination flags left out)
@@ -132,19 +141,28 @@ def main(argv=None) -> int:
             rel_fig = fig.resolve().relative_to(HERE)
         except ValueError:
             rel_fig = fig
+        base_name = "flow_matching_config()" if cfg.flow_matching else "AnalyticConfig"
+        if cfg.flow_matching:
+            model_text = (f"exact velocity v* of the rectified flow x_t = (1-t) x_0 + t ε on SD 3.5's grid (shift 3), "
+                          f"Flow-GRPO's SDE with a = {cfg.noise_level} and T={cfg.num_steps}")
+            tilt_text = "β·(1-t_0)² = β"
+        else:
+            model_text = f"exact ε* under the SD 1.5 schedule, DDPM (DDIM eta=1) with T={cfg.num_steps}"
+            tilt_text = "β·ᾱ_0"
         section = "\n".join([
             "",
-            f"## Analytic validation: residual ∇-DB vs the exact reward-tilted target "
+            f"## Analytic validation{' (flow matching)' if cfg.flow_matching else ''}: residual ∇-DB vs the exact "
+            f"reward-tilted target "
             f"({_dt.datetime.now().strftime('%Y-%m-%d %H:%M')})",
             "",
             f"- Command: `{cmd}`",
             f"- Machine: {machine()}",
             f"- Wall time: {wall:.0f} s (all methods, evaluation included)",
-            f"- Setting (`lowmem_nablagfn/analytic/`, `AnalyticConfig`{' with ' + str(changed) if changed else ' defaults'}): "
+            f"- Setting (`lowmem_nablagfn/analytic/`, `{base_name}`{' with ' + str(changed) if changed else ' defaults'}): "
             f"data = {len(cfg.weights)}-component isotropic Gaussian mixture in 2-D, means {list(cfg.means)}, "
-            f"stds {list(cfg.stds)}, weights {list(cfg.weights)}; exact ε* under the SD 1.5 schedule, "
-            f"DDPM (DDIM eta=1) with T={cfg.num_steps}; R(x) = a·x, a = {list(cfg.reward_direction)}, "
-            f"β = {cfg.reward_scale} (effective terminal tilt β·ᾱ_0); residual MLP policy "
+            f"stds {list(cfg.stds)}, weights {list(cfg.weights)}; {model_text}; "
+            f"R(x) = a·x, a = {list(cfg.reward_direction)}, "
+            f"β = {cfg.reward_scale} (effective terminal tilt {tilt_text}); residual MLP policy "
             f"(`residual_param={cfg.residual_param!r}`), flow MLP, λ_rev = {cfg.reverse_loss_scale}, "
             f"λ_reg = {cfg.unet_reg_scale}, timestep_fraction = {cfg.timestep_fraction}, "
             f"{cfg.num_epochs} epochs × {cfg.num_traj} trajectories, {cfg.batches_per_epoch} optimiser steps/epoch, "
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
             f"baseline DRaFT-{cfg.draft_steps} maximises mean R(x_0) (no KL, {cfg.draft_epochs} epochs, lr "
             f"{cfg.draft_learning_rate}); {cfg.num_eval} evaluation samples per method; MMD = √(biased MMD²), "
             f"sum of RBF kernels with bandwidths 0.1–2, vs {cfg.num_eval} exact samples of the closed-form "
-            f"tilted target, and vs {cfg.num_eval} samples of the exact tilt of the DDPM-{cfg.num_steps} "
+            f"tilted target, and vs {cfg.num_eval} samples of the exact tilt of the {sampler_label(cfg)} "
             f"reference sampler's own output (importance-resampled; what ∇-DB targets).",
             f"- Figure: `{rel_fig}`",
             "",

@@ -46,7 +46,7 @@ def t32(a):
 
 
 def test_every_kind_is_present():
-    assert {"ddim_step", "sde_dpmpp1_step", "nabla_db_loss"} <= set(BY_KIND), BY_KIND.keys()
+    assert {"ddim_step", "sde_dpmpp1_step", "nabla_db_loss", "flow_sde_step"} <= set(BY_KIND), BY_KIND.keys()
 
 
 def _schedule(meta):
@@ -92,6 +92,28 @@ def test_ddim_step(path):
 @pytest.mark.parametrize("path", BY_KIND.get("sde_dpmpp1_step", []), ids=lambda p: p.name)
 def test_sde_dpmpp1_step(path):
     _step_checks(path)
+
+
+@pytest.mark.parametrize("path", BY_KIND.get("flow_sde_step", []), ids=lambda p: p.name)
+def test_flow_sde_step(path):
+    """Flow-GRPO's SDE step on the flow-matching grid (tests/data/vectors/make_flow_sde.py): timesteps,
+    mean, std, forward and reverse scores (v linear in x), x̂0 = x - t v and the reward weight's ᾱ
+    analogue (1 - t)², all through the library's one code path."""
+    meta, d = _load(path)
+    sched = make_schedule("flow-sde", meta["num_inference_steps"], meta["noise_level"], meta["scheduler_config"])
+    j = torch.as_tensor(d["step_index"]).long()
+    x, x_prev, v = t32(d["x_t"]), t32(d["x_prev"]), t32(d["v"])
+    strength = float(d["strength"])
+    mean = step_mean(sched, j, x, v)
+    xg = x.clone().requires_grad_(True)
+    v_lin = float(d["v_slope"]) * xg + t32(d["v_offset"])
+    out = {"timestep": sched.timesteps[j], "timestep_next": sched.next_timesteps[j], "step_mean": mean,
+           "step_std": sched.std[j], "score_next": strength * forward_score(sched, j, x_prev, mean),
+           "score_cur": strength * reverse_score(sched, j, xg, v_lin, x_prev),
+           "x0_cur": sched.pred_x0(j, x, v), "x0_next": sched.pred_x0(j, x_prev, t32(d["v_next"]), nxt=True),
+           "alpha_prod_cur": sched.alpha_cur[j], "alpha_prod_next": sched.alpha_next[j]}
+    for key, value in out.items():
+        assert rel_err(value, d[key]) < RTOL, (path.name, key, rel_err(value, d[key]))
 
 
 def loss(s_next, s_next_ref, s_cur, s_cur_ref, flow_cur, flow_next, r_next, r_cur, alpha_next, alpha_cur, end, eps,

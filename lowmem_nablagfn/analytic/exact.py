@@ -1,5 +1,6 @@
 """The closed-form side of the analytic validation: the data mixture, its exact noise prediction
-(the "pretrained model"), the linear reward and the noise schedule's ``ᾱ`` table."""
+(the "pretrained model"; :class:`ExactVelocity` for flow matching), the linear reward and the noise
+schedule's ``ᾱ`` table."""
 from __future__ import annotations
 
 import math
@@ -43,27 +44,44 @@ class GaussianMixture:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def noised(self, alpha: Tensor) -> Tuple[Tensor, Tensor]:
-        """Means (N, K, D) and variances (N, K) of ``q_t`` for per-row ``ᾱ`` (N,)."""
+    def noised(self, alpha: Tensor, noise_var: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Means (N, K, D) and variances (N, K) of ``q_t`` of ``x_t = √ᾱ x_0 + n ε`` for per-row ``ᾱ``
+        (N,) and noise variance ``n²`` (N,) (None: ``1 - ᾱ``, the DDPM schedule; rectified flow
+        ``x_t = (1 - t) x_0 + t ε``: ``ᾱ = (1 - t)²``, ``n² = t²``)."""
         a = alpha.to(torch.float64).view(-1, 1, 1)
+        n2 = (1 - a.view(-1, 1)) if noise_var is None else noise_var.to(torch.float64).view(-1, 1)
         means = a.sqrt() * self.means.unsqueeze(0)
-        var = a.view(-1, 1) * self.stds.unsqueeze(0) ** 2 + (1 - a.view(-1, 1))
+        var = a.view(-1, 1) * self.stds.unsqueeze(0) ** 2 + n2
         return means, var
 
-    def _component_terms(self, x: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        means, var = self.noised(alpha)
+    def _component_terms(self, x: Tensor, alpha: Tensor,
+                         noise_var: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        means, var = self.noised(alpha, noise_var)
         diff = x.to(torch.float64).unsqueeze(1) - means  # (N, K, D)
         d = self.dim
         logp = (self.weights.log().unsqueeze(0) - 0.5 * (diff**2).sum(-1) / var
                 - 0.5 * d * torch.log(2 * math.pi * var))
         return logp, diff, var
 
-    def log_prob(self, x: Tensor, alpha: Optional[Tensor] = None) -> Tensor:
-        """``log q_t(x)`` (N,) at per-row ``ᾱ`` (``None``: the data, ᾱ = 1). Differentiable in x."""
+    def log_prob(self, x: Tensor, alpha: Optional[Tensor] = None, noise_var: Optional[Tensor] = None) -> Tensor:
+        """``log q_t(x)`` (N,) at per-row ``ᾱ`` (``None``: the data, ᾱ = 1) and noise variance (see
+        :meth:`noised`). Differentiable in x."""
         if alpha is None:
             alpha = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
-        logp, _, _ = self._component_terms(x, alpha)
+        logp, _, _ = self._component_terms(x, alpha, noise_var)
         return torch.logsumexp(logp, dim=1)
+
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """Closed-form rectified-flow velocity ``v*(x, t) = E[ε - x_0 | x_t = x]`` (N, D), float64, of
+        ``x_t = (1 - t) x_0 + t ε`` at per-row ``t`` (N,) in [0, 1].  Per component ``k`` (variance
+        ``V_k = (1-t)² s_k² + t²``, ``d_k = x - (1-t) μ_k``): ``E[ε | x, k] = t d_k / V_k`` and
+        ``E[x_0 | x, k] = μ_k + (1-t) s_k² d_k / V_k``, weighted by the responsibilities — finite at
+        ``t = 1`` (``x - mean``) and ``t = 0`` (``-x``).  Differentiable in x."""
+        t = t.to(torch.float64)
+        logp, diff, var = self._component_terms(x, (1 - t) ** 2, t**2)  # diff = d_k (N, K, D)
+        resp = torch.softmax(logp, dim=1).unsqueeze(-1)
+        gain = (t.view(-1, 1) - (1 - t).view(-1, 1) * self.stds.unsqueeze(0) ** 2) / var  # (N, K)
+        return (resp * (gain.unsqueeze(-1) * diff - self.means.unsqueeze(0))).sum(1)
 
     def score(self, x: Tensor, alpha: Tensor) -> Tensor:
         """Closed-form ``∇_x log q_t(x)`` (N, D), float64."""
@@ -124,6 +142,21 @@ class ExactEps(nn.Module):
         alpha = self.alpha(t.expand(x.shape[0]) if t.dim() == 0 else t)
         eps = -(1 - alpha).sqrt().unsqueeze(-1) * self.mixture.score(x, alpha)
         return eps.to(x.dtype)
+
+
+class ExactVelocity(nn.Module):
+    """The flow-matching "pretrained model" of a :class:`GaussianMixture`: the exact velocity
+    ``v*(x, t)`` (:meth:`GaussianMixture.velocity`) at the model timestep ``t`` = 1000 × the
+    flow-matching sigma (float, as SD 3.x's transformer takes it).  Computed in float64, returned in
+    ``x``'s dtype; differentiable in ``x``."""
+
+    def __init__(self, mixture: GaussianMixture):
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        return self.mixture.velocity(x, t.to(torch.float64) / 1000.0).to(x.dtype)
 
 
 @dataclass(frozen=True)

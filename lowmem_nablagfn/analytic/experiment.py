@@ -8,9 +8,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..diffusion import make_schedule
 from .config import AnalyticConfig, target_mixture
-from .exact import ExactEps, GaussianMixture, LinearReward
+from .exact import GaussianMixture, LinearReward
 from .metrics import evaluate, kernel_mean
 from .sampler import sample_final, sampler_tilted_samples
 from .training import METHODS, train
@@ -24,11 +23,18 @@ class Row:
     samples: Optional[Tensor] = None
 
 
+def sampler_label(cfg: AnalyticConfig) -> str:
+    """``DDPM-50`` or ``flow-SDE-50 (a=0.7)``."""
+    if cfg.flow_matching:
+        return f"flow-SDE-{cfg.num_steps} (a={cfg.noise_level:g})"
+    return f"DDPM-{cfg.num_steps}"
+
+
 def run_experiment(cfg: AnalyticConfig, methods: Sequence[str] = METHODS,
                    log_every: int = 0) -> Tuple[GaussianMixture, List[Row]]:
     """Train each method and evaluate it, the untuned model and exact samples against the exact
     tilted target.  Returns the target and one :class:`Row` per line of the table."""
-    sched = make_schedule("ddim", cfg.num_steps, eta=1.0)
+    sched = cfg.schedule()
     target = target_mixture(cfg, sched)
     reward = LinearReward(tuple(cfg.reward_direction))
     g = torch.Generator().manual_seed(cfg.seed + 12345)
@@ -42,9 +48,9 @@ def run_experiment(cfg: AnalyticConfig, methods: Sequence[str] = METHODS,
                    seconds, samples)
 
     rows = [row("exact tilted target (fresh samples)", target.sample(cfg.num_eval, g))]
-    rows.append(row(f"exact tilt of the DDPM-{cfg.num_steps} reference sampler (resampled)",
+    rows.append(row(f"exact tilt of the {sampler_label(cfg)} reference sampler (resampled)",
                     sampler_tilted_samples(cfg, sched, cfg.num_eval, cfg.seed + 3)))
-    exact = ExactEps(cfg.mixture())
+    exact = cfg.exact_model()
     rows.append(row("pretrained (untuned)", sample_final(exact, sched, cfg.num_eval, cfg.seed + 7)))
     names = {"nabla_db": "residual ∇-DB", "no_flow": "no-flow (forward only)",
              "draft": f"DRaFT-{cfg.draft_steps} (reward max.)"}

@@ -3,13 +3,13 @@ the exact model, and the flow model ``g_φ``; both small time-conditioned MLPs, 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusion import StepSchedule
-from .exact import ExactEps
+from .exact import ExactEps, ExactVelocity
 
 
 def time_embedding(t: Tensor, num_freqs: int = 6) -> Tensor:
@@ -53,6 +53,11 @@ class ResidualEps(nn.Module):
       elsewhere), so the MLP output is the shift of the step's forward score, ``Δmean / σ²`` —
       at the ∇-DB optimum that is ``∇ log F̃`` at the next state.
 
+    On a flow-matching model (:class:`ExactVelocity`, the ``flow-sde`` sampler) the residual adds to
+    the velocity: ``eps`` is ``c = 1`` and ``mean`` is ``c = σ_j² / c_v_j`` on the sampler's (float)
+    timestep grid, looked up at the nearest grid timestep; ``score`` is refused (its scale
+    ``-t / (1 - t)`` is infinite at ``t = 1``).
+
     The choice only conditions the optimisation (same function class up to a fixed scale per
     timestep).  It matters: the forward score reacts to ``ε`` with gain ``|c_eps|/σ²``, which grows
     from 1.3 at high noise to 49 at the last and 134 at the second-to-last DDPM-20 step of the SD
@@ -62,14 +67,25 @@ class ResidualEps(nn.Module):
     ``mean`` makes the gain 1 on every step.
     """
 
-    def __init__(self, exact: ExactEps, hidden: int = 128, depth: int = 3, param: str = "mean",
-                 sched: Optional[StepSchedule] = None):
+    def __init__(self, exact: Union[ExactEps, ExactVelocity], hidden: int = 128, depth: int = 3,
+                 param: str = "mean", sched: Optional[StepSchedule] = None):
         super().__init__()
         if param not in RESIDUAL_PARAMS:
             raise ValueError(f"unknown residual parametrisation {param!r}; choose one of {RESIDUAL_PARAMS}")
         self.exact = exact
         self.param = param
         self.residual = MLP(exact.mixture.dim, hidden, depth)
+        self.register_buffer("grid", None)  # flow: the sampler's timesteps the scale is tabled on
+        if isinstance(exact, ExactVelocity):
+            if param == "score":
+                raise ValueError("residual_param='score' has no flow-matching form (its scale -t/(1-t) is "
+                                 "infinite at t = 1); use 'mean' or 'eps'")
+            if sched is None:
+                raise ValueError("a flow-matching residual needs the sampler's StepSchedule (its timestep grid)")
+            self.register_buffer("grid", sched.timesteps.to(torch.float64))
+            scale = sched.std**2 / sched.c_eps if param == "mean" else torch.ones_like(sched.c_eps)
+            self.register_buffer("out_scale", scale)
+            return
         scale = torch.ones_like(exact.alphas_cumprod)
         if param in ("score", "mean"):
             scale = -(1 - exact.alphas_cumprod).sqrt()
@@ -81,7 +97,11 @@ class ResidualEps(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        res = self.out_scale[t.long()].to(x.dtype).unsqueeze(-1) * self.residual(x, t)
+        if self.grid is None:
+            index = t.long()
+        else:  # nearest grid timestep (off the grid only at t = 0, whose outputs are never used)
+            index = (t.to(torch.float64).unsqueeze(-1) - self.grid).abs().argmin(-1)
+        res = self.out_scale[index].to(x.dtype).unsqueeze(-1) * self.residual(x, t)
         return self.exact(x, t) + res
 
 

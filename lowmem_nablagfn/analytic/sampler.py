@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..diffusion import StepSchedule, reward_weight
 from ..sampling import sample
 from .config import AnalyticConfig
-from .exact import ExactEps, LinearReward
+from .exact import ExactEps, ExactVelocity, LinearReward
 
 
 @contextlib.contextmanager
@@ -45,7 +45,7 @@ def sample_final(eps_model: nn.Module, sched: StepSchedule, n: int, seed: int,
 
 
 def model_dim(model: nn.Module) -> int:
-    exact = model if isinstance(model, ExactEps) else model.exact
+    exact = model if isinstance(model, (ExactEps, ExactVelocity)) else model.exact
     return exact.mixture.dim
 
 
@@ -58,7 +58,7 @@ def sampler_tilted_samples(cfg: AnalyticConfig, sched: StepSchedule, n: int, see
     what it tilts), up to the untilted ``x_T`` (a Monte-Carlo Doob transform of the default chain
     changes the mode mass by < 0.003).  Its distance to the closed form measures the sampler's
     discretisation error, not the trainer's."""
-    x = sample_final(ExactEps(cfg.mixture()), sched, pool, seed).double()
+    x = sample_final(cfg.exact_model(), sched, pool, seed).double()
     beta = cfg.reward_scale * float(reward_weight(sched.alpha_next[-1], cfg.reward_adaptive_mode))
     logw = beta * LinearReward(tuple(cfg.reward_direction))(x)
     g = torch.Generator().manual_seed(seed + 1)

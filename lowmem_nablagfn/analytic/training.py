@@ -15,12 +15,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import StepSchedule, make_schedule, step_mean
+from ..diffusion import StepSchedule, step_mean
 from ..memory import ObjectiveSettings, Rows, UpdateContext, UpdateFns, accumulate_gradients
 from ..sampling import Trajectories, sample
 from ..subsample import draw_indices
 from .config import AnalyticConfig
-from .exact import ExactEps, LinearReward
+from .exact import LinearReward
 from .models import FlowMLP, ResidualEps
 from .sampler import dummy_cond, model_dim, single_thread
 
@@ -93,9 +93,9 @@ def train(method: str, cfg: AnalyticConfig, sched: Optional[StepSchedule] = None
 
 def _train(method: str, cfg: AnalyticConfig, sched: Optional[StepSchedule],
            log_every: int, init: Optional[Tuple[ResidualEps, Optional[FlowMLP]]] = None) -> TrainResult:
-    sched = sched or make_schedule("ddim", cfg.num_steps, eta=1.0)
+    sched = sched or cfg.schedule()
     torch.manual_seed(cfg.seed)
-    exact = ExactEps(cfg.mixture())
+    exact = cfg.exact_model()
     policy = ResidualEps(exact, cfg.hidden, cfg.depth,
                          cfg.draft_residual_param if method == "draft" else cfg.residual_param, sched)
     reward = LinearReward(tuple(cfg.reward_direction))
