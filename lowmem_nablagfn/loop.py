@@ -121,7 +121,8 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     placement = build_plan(cfg.memory, flow_model is not None).placement
     placement.apply_checkpointing(parts.unet, parts.vae, reward_model, flow_model)
     optimizer = build_optimizer(cfg, lora_params, flow_model)
-    scaler = LossScaler(enabled=cfg.training.mixed_precision == "fp16")  # fp16: every backward scaled
+    scaler = LossScaler(enabled=cfg.training.mixed_precision == "fp16",  # fp16: every backward scaled
+                        params=[p for group in optimizer.param_groups for p in group["params"]])
     sync = dist.make_gradient_sync(cfg.distributed, optimizer, cfg.training.max_grad_norm,
                                    cfg.training.batch_size, scaler)  # DeepSpeed: engines own the optimisers
     uncond = parts.uncond(device, cfg.sampling.resolution)
@@ -205,21 +206,27 @@ def optimizer_step(c: Components) -> Dict[str, float]:
 
 def guarded_step(c: Components, epoch: int, update: int, bad_terms: List[str]) -> Dict[str, float]:
     """:func:`optimizer_step`, unless a loss term or gradient of this update is inf/NaN on any rank:
-    then every rank drops the gradients (weights and optimiser state untouched) with a warning, and
-    ``training.max_nonfinite_updates`` such updates in a row raise
-    :class:`~lowmem_nablagfn.checkpoint.NonFiniteError`."""
+    then every rank drops the gradients (weights and optimiser state untouched), one warning line names
+    the cause, and ``training.max_nonfinite_updates`` such updates in a row raise
+    :class:`~lowmem_nablagfn.checkpoint.NonFiniteError`.  An fp16 overflow is never the cause: the pass
+    that overflowed was run again at a lower loss scale (:class:`~lowmem_nablagfn.memory.LossScaler`),
+    so what reaches here is non-finite in the forward pass or at every scale."""
     bad = list(dict.fromkeys(bad_terms)) + c.sync.nonfinite_gradients()
     if not dist.any_rank(bool(bad)):
         c.nonfinite_streak = 0
         return optimizer_step(c)
     c.sync.skip()
-    if c.sync.scaler is not None and c.sync.scaler.back_off():  # fp16: the scaled backward overflowed;
-        return {"skipped_overflow": 1.0}  # the scale is halved, not a failure (GradScaler's rule)
+    scaler = c.sync.scaler
+    why = ""
+    if scaler is not None and scaler.enabled:
+        scaler.skipped()
+        why = (" (not an fp16 overflow: non-finite in the forward pass, or still at the lowest loss scale, "
+               f"{scaler.min_scale:g})")
     c.nonfinite_streak += 1
     limit = c.cfg.training.max_nonfinite_updates
     what = ", ".join(bad) if bad else "values on another rank"
     if dist.is_main():
-        print(f"lowmem-nablagfn: warning: epoch {epoch}, update {update}: non-finite {what}; update skipped "
+        print(f"lowmem-nablagfn: warning: epoch {epoch}, update {update}: non-finite {what}{why}; update skipped "
               f"({c.nonfinite_streak}/{limit} in a row)", file=sys.stderr)
     if c.nonfinite_streak >= limit:
         raise ckpt.NonFiniteError(f"{limit} updates in a row had a non-finite loss or gradient (last: epoch {epoch}, "
@@ -228,7 +235,11 @@ def guarded_step(c: Components, epoch: int, update: int, bad_terms: List[str]) -
 
 
 def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) -> Dict[str, float]:
-    """Shuffle trajectories, train in batches, one optimiser step every ``accumulation`` batches."""
+    """Shuffle trajectories, train in batches, one optimiser step every ``accumulation`` batches.
+
+    Returns the means per batch of the loss terms and step statistics, and two counts of the epoch:
+    ``train/skipped_updates`` (non-finite updates, :func:`guarded_step`; present under fp16 or when
+    not 0) and, under fp16, ``train/scale_retries`` (passes run again at a lower loss scale)."""
     t = c.cfg.training
     gen = torch.Generator().manual_seed(epoch_seed(c.cfg, epoch, 2))
     order = torch.randperm(data.batch_size, generator=gen)
@@ -236,7 +247,7 @@ def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) ->
     if c.flow_model is not None:
         c.flow_model.train()
     sums: Dict[str, float] = {}
-    n_batches, bad = 0, []
+    n_batches, bad, steps_before = 0, [], c.optimizer_steps
     for i, rows_idx in enumerate(order.split(t.batch_size)):
         rows = Rows.from_trajectories(data.select(rows_idx), c.sched.num_steps, c.device)
         row_norm, end_norm = rows.norms(data.step_index.shape[1])
@@ -253,7 +264,14 @@ def train_epoch(c: Components, data: Trajectories, epoch: int, progress=None) ->
             bad = []
         if progress is not None:
             progress(1)
-    return {f"train/{k}": v / n_batches for k, v in sums.items()}
+    out = {f"train/{k}": v / n_batches for k, v in sums.items()}
+    skipped = n_batches // t.gradient_accumulation_steps - (c.optimizer_steps - steps_before)
+    scaler = c.sync.scaler
+    if scaler is not None and scaler.enabled:
+        out["train/scale_retries"] = float(scaler.pop_retries())
+    if skipped or "train/scale_retries" in out:
+        out["train/skipped_updates"] = float(skipped)
+    return out
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from helpers import SMALL
 from lowmem_nablagfn import checkpoint as ckpt
 from lowmem_nablagfn import cli
 from lowmem_nablagfn import loop as L
-from lowmem_nablagfn.config import ConfigError, load_config, validate
+from lowmem_nablagfn.config import ConfigError, load_config, to_dict, validate
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = ["train", "--preset", "tiny_cpu", "--quiet", *SMALL, "logging.keep_checkpoints=3"]
@@ -182,6 +182,7 @@ def test_overwrite_starts_afresh(tmp_path):
     run = tmp_path / "r"
     (run / "checkpoints" / "epoch-000005").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"epoch": 5}\n')
+    (run / "config.json").write_text(json.dumps(to_dict(_cfg(tmp_path, "r"))))  # the run marker (overwrite's licence)
     with pytest.raises(ckpt.RunError, match="--overwrite"):
         ckpt.plan_run(_cfg(tmp_path, "r"))
     plan = ckpt.plan_run(_cfg(tmp_path, "r", "logging.overwrite=true"))
@@ -309,7 +310,7 @@ def test_deepspeed_launcher_forwards_environment_hostfile_and_ssh_check(tmp_path
     shutil.copy(REPO / "launch" / "deepspeed_multinode.sh", launch)
     shutil.copy(REPO / "launch" / "hostfile.example", launch / "hostfile")
     env = dict(os.environ, DEEPSPEED=str(bin_dir / "deepspeed"), HF_HUB_OFFLINE="1", HF_HOME="/data/hf",
-               OMP_NUM_THREADS="3")
+               OMP_NUM_THREADS="3", GLOO_SOCKET_IFNAME="ib0")  # gloo: the CPU half of a CUDA job's group
     env.pop("HOSTFILE", None)
     proc = subprocess.run(["bash", str(launch / "deepspeed_multinode.sh"), "--no_ssh_check",
                            "--preset", "sd15_a100x8", "training.num_epochs=2"],
@@ -319,7 +320,7 @@ def test_deepspeed_launcher_forwards_environment_hostfile_and_ssh_check(tmp_path
     assert f"--hostfile {launch / 'hostfile'}" in args and "--master_addr a100-node-01" in args
     launcher, trainer = args.split("lowmem_nablagfn.cli")
     assert "--no_ssh_check" in launcher and trainer == " train --preset sd15_a100x8 training.num_epochs=2"
-    for line in ("HF_HUB_OFFLINE=1", "HF_HOME=/data/hf", "OMP_NUM_THREADS=3"):
+    for line in ("HF_HUB_OFFLINE=1", "HF_HOME=/data/hf", "OMP_NUM_THREADS=3", "GLOO_SOCKET_IFNAME=ib0"):
         assert line in proc.stdout.splitlines(), proc.stdout
 
 

@@ -25,9 +25,7 @@ class DataParallel(GradientSync):
     def step(self) -> Dict[str, float]:
         stats = {}
         for group in self.optimizer.param_groups:
-            average_gradients(group["params"])
-            if self.scaler is not None:
-                self.scaler.unscale_grads_(group["params"])  # fp32, before clipping
+            average_gradients(group["params"])  # fp16: already unscaled (memory.LossScaler.accumulate)
             if self.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], self.max_grad_norm)
                 stats[f"grad_norm/{group.get('name', 'params')}"] = float(norm)

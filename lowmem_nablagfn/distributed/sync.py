@@ -22,7 +22,7 @@ class GradientSync:
 
     optimizer: Optional[torch.optim.Optimizer] = None
     sharded = False
-    scaler = None  # memory.LossScaler under fp16 (DataParallel only): unscaled before clipping
+    scaler = None  # memory.LossScaler under fp16 (DataParallel only): its step() and state
 
     def step(self) -> Dict[str, float]:
         raise NotImplementedError

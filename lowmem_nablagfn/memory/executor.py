@@ -5,7 +5,9 @@ Each phase of the plan writes its quantity into the group's state (reference sco
 graph at ``x_t``, reward gradients); the ``train`` phase builds the loss from it and runs the
 backward.  A phase with ``keep_graph`` runs the official code's pass (the whole group, the LoRA graph
 at ``x_t`` alive from ``policy`` to ``train``); otherwise it runs in chunks of ``phase.chunk`` rows,
-each chunk in its own scope.  Every phase is a ``memtrack`` mark (profiler, planner traces).
+each chunk in its own scope.  Every phase is a ``memtrack`` mark (profiler, planner traces).  Every
+backward goes through ``ctx.scaler`` (:mod:`.scaler`): under fp16 a pass that overflows is run again at
+once at a lower loss scale.
 """
 from __future__ import annotations
 
@@ -16,10 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import memtrack
-from ..diffusion import pred_x0
 from ..objective import LossTerms
-from .passes import (Detached, UpdateContext, alpha, column, loss_of, reference_scores, reward_grad_at, timesteps,
-                     train_pass)
+from .passes import Detached, UpdateContext, column, loss_of, reference_scores, reward_grad_at, timesteps, train_pass
 from .plan import Phase
 from .rows import Rows
 
@@ -69,16 +69,20 @@ def _reward_grad_next(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
         return
     # the official pass: the LoRA UNet on every row (last transitions too), x̂0 = x_{t-1} at t = 0
     xn = rows.x_next.detach().requires_grad_(True)
-    eps_n = ctx.fns.eps(xn, timesteps(ctx, rows, True), rows.cond)
-    x0n = torch.where(column(rows.end, xn), xn, pred_x0(xn, eps_n, alpha(ctx, rows, True)))
-    g.r_next = ctx.scaler.input_grad(ctx.fns.latent_reward(x0n, rows.prompts).sum(), xn)
+
+    def total_reward() -> Tensor:  # called again if an fp16 retry needs the graph its backward freed
+        eps_n = ctx.fns.eps(xn, timesteps(ctx, rows, True), rows.cond)
+        x0n = torch.where(column(rows.end, xn), xn, ctx.sched.pred_x0(rows.step_index, xn, eps_n, nxt=True))
+        return ctx.fns.latent_reward(x0n, rows.prompts).sum()
+
+    g.r_next = ctx.scaler.input_grad(total_reward, xn)
 
 
 def _reward_grad_cur(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
     rows = g.rows
     if ph.keep_graph:  # a second VAE + reward graph hanging off the policy's graph at x_t
-        x0 = pred_x0(g.x, g.eps, alpha(ctx, rows, False))
-        g.r_cur = ctx.scaler.input_grad(ctx.fns.latent_reward(x0, rows.prompts).sum(), g.x, retain_graph=True)
+        x0 = ctx.sched.pred_x0(rows.step_index, g.x, g.eps)
+        g.r_cur = ctx.scaler.input_grad(lambda: ctx.fns.latent_reward(x0, rows.prompts).sum(), g.x, retain_graph=True)
         return
     sel = rows.live() if ph.live_only else torch.arange(len(rows), device=rows.x.device)
     g.r_cur = torch.zeros_like(rows.x)  # y_B = 0 on last transitions: their reward score at x_t is not needed
@@ -87,18 +91,25 @@ def _reward_grad_cur(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
 
 
 def _train(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
+    # every backward of parameter gradients through ctx.scaler.accumulate: under fp16 an overflowing
+    # pass is run again at once at a lower loss scale (run(rebuild=True)), not the update skipped
     det = g.detached()
     if ph.keep_graph:
-        terms = loss_of(ctx, g.rows, g.eps, g.x, det, g.row_norm, g.end_norm)
-        ctx.scaler.backward(terms.loss * g.scale)
-        g.terms.append(terms)
+        def run(rebuild: bool) -> LossTerms:  # a retry rebuilds the policy's graph the failed backward freed
+            eps = ctx.fns.eps(g.x, timesteps(ctx, g.rows, False), g.rows.cond) if rebuild else g.eps
+            terms = loss_of(ctx, g.rows, eps, g.x, det, g.row_norm, g.end_norm)
+            ctx.scaler.backward(terms.loss * g.scale)
+            return terms
+
+        g.terms.append(ctx.scaler.accumulate(run))
         return
     n = len(g.rows)
     size = ph.chunk or n
     for lo in range(0, n, size):
         idx = slice(lo, lo + size)
-        g.terms.append(train_pass(ctx, g.rows.take(idx), det.take(idx), row_norm=g.row_norm,
-                                  end_norm=g.end_norm, scale=g.scale))
+        g.terms.append(ctx.scaler.accumulate(lambda _: train_pass(ctx, g.rows.take(idx), det.take(idx),
+                                                                  row_norm=g.row_norm, end_norm=g.end_norm,
+                                                                  scale=g.scale)))
 
 
 PASSES = {"reference": _reference, "policy": _policy, "reward_grad_next": _reward_grad_next,

@@ -13,7 +13,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..diffusion import StepSchedule, forward_score, pred_x0, reverse_score, step_mean
+from ..diffusion import StepSchedule, forward_score, reverse_score, step_mean
 from ..objective import FlowValues, LossTerms, LossWeights, RewardGrads, Scores, Steps, TrustRegion, nabla_db_loss
 from ..sampling import as_conditioning
 from .plan import MemoryPlan, build_plan
@@ -129,18 +129,20 @@ def reward_grad_at(ctx: UpdateContext, rows: Rows, nxt: bool) -> Tensor:
     ``x̂0 = x_{t-1}`` and the policy is not called.  Returns (N, C, H, W), detached.
     """
     x = (rows.x_next if nxt else rows.x).detach().requires_grad_(True)
-    a = alpha(ctx, rows, nxt)
-    if nxt:
-        x0 = x.clone()
-        live = rows.live()
-        if live.numel():
-            sub = rows.take(live)
-            eps = ctx.fns.eps(x[live], timesteps(ctx, sub, True), sub.cond)
-            x0 = x0.index_put((live,), pred_x0(x[live], eps, a[live]))
-    else:
-        x0 = pred_x0(x, ctx.fns.eps(x, timesteps(ctx, rows, False), rows.cond), a)
-    reward = ctx.fns.latent_reward(x0, rows.prompts)
-    return ctx.scaler.input_grad(reward.sum(), x)
+
+    def total_reward() -> Tensor:  # called again if an fp16 retry needs the graph its backward freed
+        if nxt:
+            x0 = x.clone()
+            live = rows.live()
+            if live.numel():
+                sub = rows.take(live)
+                eps = ctx.fns.eps(x[live], timesteps(ctx, sub, True), sub.cond)
+                x0 = x0.index_put((live,), ctx.sched.pred_x0(sub.step_index, x[live], eps, nxt=True))
+        else:
+            x0 = ctx.sched.pred_x0(rows.step_index, x, ctx.fns.eps(x, timesteps(ctx, rows, False), rows.cond))
+        return ctx.fns.latent_reward(x0, rows.prompts).sum()
+
+    return ctx.scaler.input_grad(total_reward, x)
 
 
 def reference_scores(ctx: UpdateContext, rows: Rows, need_reverse: bool) -> tuple:
@@ -148,14 +150,18 @@ def reference_scores(ctx: UpdateContext, rows: Rows, need_reverse: bool) -> tupl
     ``need_reverse``), detached."""
     strength = ctx.settings.pretrained_strength
     x = rows.x.detach().requires_grad_(need_reverse)
+    t = timesteps(ctx, rows, False)
     with ctx.fns.ref_scope(), torch.set_grad_enabled(need_reverse):
-        eps_ref = ctx.fns.ref_eps(x, timesteps(ctx, rows, False), rows.cond)
+        eps_ref = ctx.fns.ref_eps(x, t, rows.cond)
         mean = step_mean(ctx.sched, rows.step_index, x.detach(), eps_ref.detach())
         s_next = strength * forward_score(ctx.sched, rows.step_index, rows.x_next, mean)
         s_cur = None
         if need_reverse:
-            s_cur = strength * ctx.scaler.check(reverse_score(ctx.sched, rows.step_index, x, eps_ref, rows.x_next,
-                                                              grad_scale=ctx.scaler.scale))
+            def vjp(scale: Optional[float], rebuild: bool) -> Tensor:  # an fp16 retry rebuilds the graph it freed
+                eps = ctx.fns.ref_eps(x, t, rows.cond) if rebuild else eps_ref
+                return reverse_score(ctx.sched, rows.step_index, x, eps, rows.x_next, grad_scale=scale)
+
+            s_cur = strength * ctx.scaler.retry("reverse", vjp)
     return s_next.detach(), s_cur
 
 
@@ -167,8 +173,8 @@ def loss_of(ctx: UpdateContext, rows: Rows, eps: Tensor, x: Tensor, det: Detache
     s_next = forward_score(sched, rows.step_index, rows.x_next, mean)
     flow = s_cur = None
     if ctx.residual:
-        s_cur = ctx.scaler.check(reverse_score(sched, rows.step_index, x, eps, rows.x_next, retain_graph=True,
-                                               grad_scale=ctx.scaler.scale))
+        s_cur = ctx.scaler.retry("reverse", lambda scale, _: reverse_score(sched, rows.step_index, x, eps, rows.x_next,
+                                                                          retain_graph=True, grad_scale=scale))
         flow_next = flow_at(ctx, rows.x_next, timesteps(ctx, rows, True), rows)
         flow = FlowValues(cur=flow_at(ctx, rows.x.detach(), timesteps(ctx, rows, False), rows), next=flow_next)
     return nabla_db_loss(
