@@ -47,22 +47,22 @@ HOW = (f"Pass reward.backbone=DIR, a local copy of the hub repo {DEFAULT_BACKBON
 PATTERNS = ["*.json", "*.safetensors"]
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-#: openai/clip-vit-large-patch14 (CLIPConfig arguments) and a reduced model of the same classes.
+def clip_config(projection_dim: int, vision: tuple, text: tuple, act: str) -> dict:
+    """CLIPConfig arguments: ``vision`` = (width, MLP width, layers, heads, patch), ``text`` = (width,
+    MLP width, layers, heads); 224-px images, 77 tokens, CLIP's vocabulary."""
+    def tower(width, mlp, layers, heads, **extra):
+        return dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                    hidden_act=act, layer_norm_eps=1e-5, **extra)
+
+    *v, patch = vision
+    return dict(projection_dim=projection_dim, vision_config=tower(*v, image_size=224, patch_size=patch),
+                text_config=tower(*text, max_position_embeddings=77, vocab_size=49408))
+
+
+#: openai/clip-vit-large-patch14 and a reduced model of the same classes.
 CONFIGS = {
-    "full": dict(projection_dim=768,
-                 vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                    num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu",
-                                    layer_norm_eps=1e-5),
-                 text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
-                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)),
-    "reduced": dict(projection_dim=64,
-                    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=224, patch_size=32, hidden_act="quick_gelu",
-                                       layer_norm_eps=1e-5),
-                    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=77, vocab_size=49408,
-                                     hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+    "full": clip_config(768, (1024, 4096, 24, 16, 14), (768, 3072, 12, 12), "quick_gelu"),
+    "reduced": clip_config(64, (64, 128, 2, 4, 32), (64, 128, 2, 4), "quick_gelu"),
 }
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .clipscore import CLIPScoreReward, create_clip, load_clip
+from .clipscore import CLIPScoreReward, clip_config, create_clip, load_clip
 from .loading import MissingCheckpointError, random_size
 
 DEFAULT_BACKBONE = "yuvalkirstain/PickScore_v1"
@@ -38,22 +38,10 @@ HOW = (f"Pass reward.backbone=DIR, a local copy of the hub repo {DEFAULT_BACKBON
        f"(`hf download {DEFAULT_BACKBONE} --include '*.json' '*.safetensors' --local-dir DIR`), "
        f"or run online without HF_HUB_OFFLINE.")
 
-#: PickScore_v1 = laion CLIP-ViT-H-14 (open_clip ViT-H-14 in CLIPConfig arguments) and a reduced model.
+#: PickScore_v1 = laion CLIP-ViT-H-14 (open_clip's ViT-H-14 in CLIPConfig arguments) and a reduced model.
 CONFIGS = {
-    "full": dict(projection_dim=1024,
-                 vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                    num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
-                                    layer_norm_eps=1e-5),
-                 text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, max_position_embeddings=77, vocab_size=49408,
-                                  hidden_act="gelu", layer_norm_eps=1e-5)),
-    "reduced": dict(projection_dim=64,
-                    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=224, patch_size=32, hidden_act="gelu",
-                                       layer_norm_eps=1e-5),
-                    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=77, vocab_size=49408,
-                                     hidden_act="gelu", layer_norm_eps=1e-5)),
+    "full": clip_config(1024, (1280, 5120, 32, 16, 14), (1024, 4096, 24, 16), "gelu"),
+    "reduced": clip_config(64, (64, 128, 2, 4, 32), (64, 128, 2, 4), "gelu"),
 }
 
 
