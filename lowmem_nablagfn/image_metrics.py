@@ -73,7 +73,7 @@ def clip_scorer(path: str, device) -> Callable[[Tensor, List[str]], Tensor]:
     """``score(images, prompts) -> (B,)`` CLIP score ``100 · max(cos, 0)`` from a local transformers CLIP."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from .models import CLIP_VOCAB_SIZE, clip_tokenizer
+    from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
     from .rewards.preprocess import ImageTransform
 
     folder = Path(path).expanduser()

@@ -1,6 +1,7 @@
 """``lowmem-nablagfn doctor``: the table on this CPU machine (GPU checks skipped, exit 0), a failing
 check (exit 1), fake GPUs through a patched ``torch.cuda`` (a V100 warns that bf16 is unsupported),
 the preset's planner verdict, and missing optional packages (a warning with the install command)."""
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -46,7 +47,7 @@ def test_a_failing_check_exits_one_and_the_others_still_run(monkeypatch, capsys,
         raise RuntimeError("Triton compilation failed")
 
     monkeypatch.setattr(doctor, "CHECKS", (doctor.check_disk, broken, doctor.check_torch))
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: SimpleNamespace(free=int(0.2 * doctor.GiB)))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=int(0.2 * doctor.GiB)))
     rc = cli.main(["doctor", f"logging.output_dir={tmp_path}"])
     out = capsys.readouterr().out
     rows = _rows(out)

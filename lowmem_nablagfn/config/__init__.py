@@ -23,9 +23,10 @@ from .loading import PRESET_DIR, field_docs, list_presets, load_config, to_dict
 from .schema import (BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, Config, ConfigError, DistributedConfig, LoggingConfig,
                      LoraConfig, MemoryConfig, ModelConfig, PretrainedConfig, PromptConfig, RewardConfig,
                      SamplingConfig, TrainingConfig)
-from .validation import validate
+from .validation import block_widths_problem, norm_groups, validate
 
 __all__ = ["BUILTIN_MODELS", "Config", "ConfigError", "DistributedConfig", "LoggingConfig", "LoraConfig",
            "MemoryConfig", "ModelConfig", "PRESET_DIR", "PretrainedConfig", "PromptConfig", "RewardConfig",
-           "SINGLE_FILE_SUFFIXES", "SamplingConfig", "TrainingConfig", "add_config_arguments", "field_docs",
-           "list_presets", "load_config", "to_dict", "validate"]
+           "SINGLE_FILE_SUFFIXES", "SamplingConfig", "TrainingConfig", "add_config_arguments",
+           "block_widths_problem", "field_docs", "list_presets", "load_config", "norm_groups", "to_dict",
+           "validate"]

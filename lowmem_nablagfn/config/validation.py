@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 from .schema import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, Config, ConfigError
+
+
+def norm_groups(block_widths: Sequence[int]) -> int:
+    """GroupNorm groups of every block of the flow model: 32, or the smallest width when below 32."""
+    return min(32, min(block_widths))
+
+
+def block_widths_problem(block_widths: Sequence[int]) -> Optional[str]:
+    """Why ``model.flow_block_widths`` cannot build a flow model (one line with the fix), or None."""
+    widths = list(block_widths)
+    if not widths or any(w <= 0 or w % 8 for w in widths):
+        return f"model.flow_block_widths={widths} must be positive multiples of 8 (e.g. [64, 128, 256, 256])"
+    groups = norm_groups(widths)
+    bad = [w for w in widths if w % groups]
+    if bad:
+        return (f"model.flow_block_widths={widths}: {bad} not divisible by {groups}, the GroupNorm groups of "
+                f"every block (32, or the smallest width when below 32); use multiples of 32 (e.g. [64, 128, "
+                f"256, 256]) or multiples of the smallest width (e.g. [16, 32])")
+    return None
 
 
 def _is_local_path(name: str) -> bool:
@@ -50,7 +69,6 @@ def validate(cfg: Config) -> Config:
     from ..rewards.custom import is_custom
     from ..rewards.loading import random_size
     from ..rewards.prompts import known_prompt_set
-    from ..models.flow import block_widths_problem
     from ..subsample import SubsampleError, check_blocks, num_blocks
 
     errors: List[str] = []

@@ -12,7 +12,7 @@ from .lora import add_lora, freeze, reference_policy, vae_encoder_modules
 from .parts import SDParts, make_pipeline, pipeline_class, save_sd, vae_dtype
 from .preview import LATENT_RGB, preview_decoder_
 from .single_file import SINGLE_FILE_SUFFIXES, SingleFileError, identify
-from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+from ..tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 from .trainable import Trainable, prepare_for_training
 
 __all__ = [

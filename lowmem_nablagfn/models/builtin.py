@@ -13,7 +13,7 @@ import torch
 
 from .parts import SDParts
 from .preview import preview_decoder_
-from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+from ..tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
 
 def _tiny_configs() -> dict:

@@ -1,29 +1,12 @@
 """The residual log-flow model ``g_φ(x, t, c)`` (its output is the gradient field ∇_x log F̃_t)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 from torch import nn
 
-
-def norm_groups(block_widths: Sequence[int]) -> int:
-    """GroupNorm groups of every block of the flow model: 32, or the smallest width when below 32."""
-    return min(32, min(block_widths))
-
-
-def block_widths_problem(block_widths: Sequence[int]) -> Optional[str]:
-    """Why ``model.flow_block_widths`` cannot build a flow model (one line with the fix), or None."""
-    widths = list(block_widths)
-    if not widths or any(w <= 0 or w % 8 for w in widths):
-        return f"model.flow_block_widths={widths} must be positive multiples of 8 (e.g. [64, 128, 256, 256])"
-    groups = norm_groups(widths)
-    bad = [w for w in widths if w % groups]
-    if bad:
-        return (f"model.flow_block_widths={widths}: {bad} not divisible by {groups}, the GroupNorm groups of "
-                f"every block (32, or the smallest width when below 32); use multiples of 32 (e.g. [64, 128, "
-                f"256, 256]) or multiples of the smallest width (e.g. [16, 32])")
-    return None
+from ..config import norm_groups
 
 
 def build_flow_model(latent_channels: int, latent_size: int, cross_attention_dim: int,

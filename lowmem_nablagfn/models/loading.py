@@ -10,7 +10,7 @@ from typing import Optional
 from .builtin import BUILTIN_CONFIGS, build_random_sd
 from .parts import SDParts
 from .single_file import SINGLE_FILE_SUFFIXES, identify, load_single_file
-from .tokenizer import CLIP_VOCAB_SIZE
+from ..tokenizer import CLIP_VOCAB_SIZE
 
 
 def load_sd(name: str, revision: Optional[str] = None, seed: int = 0, vae: Optional[str] = None) -> SDParts:

@@ -31,7 +31,7 @@ from typing import Dict, Tuple
 from ..config import SINGLE_FILE_SUFFIXES  # noqa: F401 - defined where validation reads it (no torch there)
 from .builtin import BUILTIN_CONFIGS
 from .parts import SDParts
-from .tokenizer import clip_tokenizer
+from ..tokenizer import clip_tokenizer
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 SD15_TEXT = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
 SDXL_TEXT = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"

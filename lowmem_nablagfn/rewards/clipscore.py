@@ -101,7 +101,7 @@ class CLIPScoreReward(TowerReward):
     Args:
         clip: a transformers ``CLIPModel`` (its modules are taken over, not copied).
         tokenizer: CLIP BPE tokenizer; default the offline one
-            (:func:`~lowmem_nablagfn.models.tokenizer.clip_tokenizer`).
+            (:func:`~lowmem_nablagfn.tokenizer.clip_tokenizer`).
         transform: image preprocessing; default CLIPImageProcessor's at the model's input size.
     """
 
@@ -109,7 +109,7 @@ class CLIPScoreReward(TowerReward):
 
     def __init__(self, clip: nn.Module, tokenizer=None, transform: Optional[ImageTransform] = None):
         super().__init__()
-        from ..models.tokenizer import clip_tokenizer
+        from ..tokenizer import clip_tokenizer
 
         self.vision = ImageTower(clip.vision_model, clip.visual_projection)
         self.text = TextTower(clip.text_model, clip.text_projection)

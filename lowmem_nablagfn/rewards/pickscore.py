@@ -16,7 +16,7 @@ Processor: that of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` — CLIPImageProces
 settings (shortest side to 224 bicubic, centre crop 224, CLIP mean/std), reproduced on tensors by
 :class:`~.preprocess.ImageTransform` (PIL-like antialiased bicubic; ``reward.antialias`` overrides), and
 the CLIP BPE tokenizer (49408 tokens, padded, truncated to 77 tokens), built offline from open_clip's
-vocabulary (:func:`~lowmem_nablagfn.models.tokenizer.clip_tokenizer`) — the same vocabulary and merges
+vocabulary (:func:`~lowmem_nablagfn.tokenizer.clip_tokenizer`) — the same vocabulary and merges
 as the laion repo's tokenizer.  No file of the laion repo is needed.
 
 The architecture is open_clip's ViT-H-14 in transformers' classes (GELU, 986 M parameters: the HPSv2
