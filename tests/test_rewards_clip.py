@@ -42,7 +42,7 @@ def processor(name, pil=False):
     PIL backend (transformers 5's default CLIPImageProcessor resizes with torchvision)."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from lowmem_nablagfn.models.tokenizer import clip_tokenizer
+    from lowmem_nablagfn.tokenizer import clip_tokenizer
 
     settings = dict(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
                     crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
