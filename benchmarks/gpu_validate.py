@@ -295,7 +295,7 @@ def memory_and_time(base: tuple, out_dir: Path, budget: Budget, smoke: bool, res
         common = [*extra, *QUIET, f"logging.output_dir={out_dir}", f"model.no_flow={no_flow}"]
         try:
             c = T.setup(load_config(preset, common))
-            profile = planner.Profile(c.cfg)
+            profile = planner.Probes(c.cfg)
         except Exception as exc:  # noqa: BLE001 - reported; the other objective still runs
             rows += [{"target": n, "variant": "-", "skipped": f"set-up failed: {_error(exc)}"} for n, _, _ in targets]
             continue
@@ -528,7 +528,7 @@ def sdxl(out_dir: Path, budget: Budget, smoke: bool, reserve_s: float = 0.0) -> 
         try:
             cfg = load_config(preset, [*extra, *QUIET, f"logging.output_dir={out_dir}", *overrides])
             try:
-                pred = planner.predict(cfg, planner.Profile(cfg, allow_trace=smoke), capability)
+                pred = planner.predict(cfg, planner.Probes(cfg, allow_trace=smoke), capability)
                 row.update(predicted_peak_gib=pred.peak / GiB, predicted_reserved_gib=pred.reserved_gib(),
                            predicted_required_gib=pred.required_gib(), predicted_phase=pred.peak_phase)
             except planner.MissingProbe as exc:
@@ -567,7 +567,7 @@ def sdxl_table(rows: List[dict]) -> str:
 
 def default_json(part: str, smoke: bool) -> Path:
     """``<cache>/gpu_validate/[smoke-]part<N>-<UTC time>.json``: outside the repository."""
-    from lowmem_nablagfn.planner.profile import cache_dir
+    from lowmem_nablagfn.planner.probes import cache_dir
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return cache_dir().parent / "gpu_validate" / f"{'smoke-' if smoke else ''}part{part}-{stamp}.json"

@@ -60,7 +60,6 @@ from lowmem_nablagfn import loop as T  # noqa: E402
 from lowmem_nablagfn.config import MemoryConfig, load_config  # noqa: E402
 from lowmem_nablagfn.memory import Rows, accumulate_gradients, build_plan  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
-from lowmem_nablagfn.models import set_checkpointing  # noqa: E402
 
 VARIANTS = {
     "official": dict(mode="official"),
@@ -85,18 +84,12 @@ def make_rows(c, n_traj: int, seed: int = 0) -> Rows:
                 slot=torch.tensor([0, 1] * n_traj, device=c.device))
 
 
-def set_memory_options(c, opts: dict) -> None:
-    """Switch checkpointing of every part to the option for it (absent: off)."""
-    for module, key in ((c.parts.unet, "checkpoint_unet"), (c.parts.vae, "checkpoint_vae"),
-                        (c.reward_model, "checkpoint_reward"), (c.flow_model, "checkpoint_flow")):
-        set_checkpointing(module, bool(opts.get(key)))
-
-
 def measure(c, rows: Rows, opts: dict) -> dict:
     """Peak bytes and time of one ``accumulate_gradients`` call under the memory options ``opts``."""
-    set_memory_options(c, opts)
+    plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)  # the plan the trainer would run
+    plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)
     ctx = T.update_context(c)
-    ctx.plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)  # the plan the trainer would run
+    ctx.plan = plan
     c.optimizer.zero_grad(set_to_none=True)
     gc.collect()
     from lowmem_nablagfn.sampling import as_conditioning  # SDXL: pooled embeddings and time ids too

@@ -42,7 +42,7 @@ def main() -> None:
              "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |"]
     for name, extra, vram in TARGETS:
         cfg = load_config(args.preset, extra)
-        profile = planner.Profile(cfg, verbose=True)
+        profile = planner.Probes(cfg, verbose=True)
         official = planner.predict(load_config(args.preset, extra + planner.OFFICIAL_OVERRIDES), profile)
         frugal_cfg = load_config(args.preset, extra + FRUGAL + [f"memory.checkpoint_flow={not cfg.model.no_flow}"])
         frugal = planner.predict(frugal_cfg, profile)

@@ -51,6 +51,7 @@ from gpu_validate import QUIET, reconfigure  # noqa: E402  (benchmarks/gpu_valid
 from lowmem_nablagfn import loop as T  # noqa: E402
 from lowmem_nablagfn import planner, profiler  # noqa: E402
 from lowmem_nablagfn.config import load_config  # noqa: E402
+from lowmem_nablagfn.memory import build_plan  # noqa: E402
 from lowmem_nablagfn.memtrack import GiB  # noqa: E402
 
 #: variant -> overrides on top of the workload (``official``: the planner's official baseline of it).
@@ -60,10 +61,6 @@ VARIANTS: Dict[str, List[str]] = {
     "vae": ["memory.checkpoint_vae=true"],
     "nof": ["model.no_flow=true", "memory.checkpoint_vae=true", "memory.offload_trajectories=true"],
 }
-PHASES = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad_cur", "reference", "policy",
-          "train", "optimizer")
-
-
 def workload(model: str, resolution: int, trajectories: int, out_dir: str, extra: List[str]) -> List[str]:
     return [f"pretrained.model={model}", "reward.checkpoint=random" if model == "sdxl-random" else
             "reward.checkpoint=random:reduced", "reward.weight_dtype=fp32", "device=cpu",
@@ -88,18 +85,18 @@ def run_variant(c, cfg, profile) -> dict:
     gc.collect()
     t0 = time.perf_counter()
     res = profiler.run_profile(cfg, updates=1, warmup=0, components=c)
-    measured = {n: p["peak_gib"] for n, p in res["phases"].items() if n in PHASES}
+    measured = {n: p["peak_gib"] for n, p in res["phases"].items() if n in res["phase_order"]}
     return {"measured": measured, "predicted": {n: v / GiB for n, v in pred.phases.items()},
             "peak_gib": res["summary"]["peak_gib"], "predicted_peak_gib": pred.peak / GiB,
             "predicted_phase": pred.peak_phase, "seconds": time.perf_counter() - t0, "memory": knobs(cfg),
-            "table": profiler.phase_table(res, {n: v / GiB for n, v in pred.phases.items()})}
+            "table": profiler.measured_table(res, {n: v / GiB for n, v in pred.phases.items()})}
 
 
 def knobs(cfg) -> str:
     """The variant's memory settings in a few words (its variant name says where they come from)."""
     m = cfg.memory
-    ckpt = [n for n in ("unet", "vae", "reward", "flow")
-            if getattr(m, f"checkpoint_{n}") and not (n == "flow" and cfg.model.no_flow)]
+    ckpt = [n for n, on in build_plan(cfg).placement.checkpointing.items()
+            if on and not (n == "flow" and cfg.model.no_flow)]
     return (f"{m.mode}{', no-flow' if cfg.model.no_flow else ''}; checkpointing: {', '.join(ckpt) or 'none'}; "
             f"chunks {m.input_grad_chunk or 'all'}/{m.train_chunk or 'all'}")
 
@@ -145,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
                     cfg = planner.official_baseline(cfg)
                 if reconfigure(c, cfg):
                     warm_optimizer(c)
-                out[name] = r = run_variant(c, cfg, planner.Profile(cfg))
+                out[name] = r = run_variant(c, cfg, planner.Probes(cfg))
                 print(f"[{name}] peak {r['peak_gib']:.3f} GiB measured, {r['predicted_peak_gib']:.3f} predicted "
                       f"({r['predicted_phase']}); {r['seconds']:.0f} s", flush=True)
             del c

@@ -2,13 +2,14 @@
 parse, load the configuration, call one function.
 
 Options and ``key=value`` overrides may come in any order.  Exit codes: 0 done; 1 the run stopped
-(e.g. non-finite updates); 2 bad input, found before any model is built (configuration, preflight,
-what to resume) or when set-up fails (one line, no traceback); 3 predicted not to fit the GPU; 130 interrupted (Ctrl-C); 141 output pipe closed.
+(non-finite updates, or the reward-hacking monitor under ``monitor.stop``); 2 bad input, found before
+any model is built (configuration, set-up checks, what to resume) or when set-up fails (one line, no
+traceback); 3 predicted not to fit the GPU; 130 interrupted (Ctrl-C); 141 output pipe closed.
 
 Each subcommand lives in its own module (:data:`SUBCOMMANDS`), which provides
 ``add_parser(subparsers) -> None`` (its flags) and ``run(args) -> int`` (its exit code).  A subcommand
 whose parser has the configuration options (:func:`~lowmem_nablagfn.config.add_config_arguments`)
-gets its configuration loaded, validated and preflighted here, as ``args.cfg``, before its ``run``.
+gets its configuration loaded, validated and checked here, as ``args.cfg``, before its ``run``.
 This module keeps only what all of them share: the argument pre-processing, overrides anywhere,
 exit codes, Ctrl-C and closed pipes.
 """
@@ -137,9 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _check(args: argparse.Namespace, cfg) -> tuple:
     """Everything checked before a model is built, reported together: (the configuration's
-    :class:`ConfigError` or None, preflight problems — files, directories, device, what to resume)."""
+    :class:`ConfigError` or None, set-up problems (lowmem_nablagfn.checks) — files, directories, device, what to resume)."""
     from . import checkpoint as ckpt
-    from . import preflight
+    from . import checks
 
     invalid = None
     try:
@@ -148,13 +149,13 @@ def _check(args: argparse.Namespace, cfg) -> tuple:
         invalid = exc
     try:
         if args.command == "plan":
-            return invalid, preflight.check_vram(args.vram)
+            return invalid, checks.check_vram(args.vram)
         if args.command == "config":  # printing a configuration needs no model, files or device
             return invalid, []
-        problems = preflight.check_config(cfg)
+        problems = checks.check_config(cfg)
         if args.command == "train":
             try:
-                ckpt.plan_run(cfg, args.resume)  # train() decides again; here to report it with the rest
+                ckpt.decide_start(cfg, args.resume)  # train() decides again; here to report it with the rest
             except ckpt.RunError as exc:
                 problems.append(str(exc))
     except Exception:  # noqa: BLE001 - a check tripped over an invalid value: the validation error says it
@@ -166,7 +167,7 @@ def _check(args: argparse.Namespace, cfg) -> tuple:
 
 def _main(argv: List[str], state: dict) -> int:
     from . import checkpoint as ckpt
-    from .preflight import SetupError
+    from .checks import SetupError
 
     parser, owners = build_parser()
     args = _parse(parser, _resume_value(_split_official(argv)))

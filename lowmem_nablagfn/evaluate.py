@@ -94,38 +94,36 @@ class EvalModels:
         """Context in which the UNet is the ``finetuned`` policy or the ``base`` model."""
         from .models import reference_policy
 
-        return reference_policy(self.parts.unet) if name == "base" and self.has_lora else contextlib.nullcontext()
+        return reference_policy(self.parts.denoiser) if name == "base" and self.has_lora else contextlib.nullcontext()
 
 
 def load_models(cfg, lora_file: Optional[Path]) -> EvalModels:
     """SD parts in the run's storage dtype and device, with the LoRA of ``lora_file`` (fp32) attached.
 
-    The LoRA may be in diffusers or kohya format (diffusers' loader infers rank and alpha).
+    The LoRA may be in diffusers or kohya format (diffusers' loader infers rank and alpha; SD 3.x: the
+    diffusers file).  SD 3.x: the prompts' embeddings come from the run's prompt table
+    (:func:`~lowmem_nablagfn.models.load_run_parts`).
     """
     from .diffusion import make_schedule
     from .distributed import pick_device
     from .dtypes import to_dtype
-    from .models import freeze, load_sd, pipeline_class
+    from .models import family_of, freeze_parts, load_run_parts
 
     device = pick_device(cfg.device)
-    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed, cfg.pretrained.vae)
-    frozen = to_dtype(cfg.training.mixed_precision)
-    for module in (parts.unet, parts.vae, *parts.text_encoders):
-        freeze(module, device, parts.frozen_dtype(module, frozen))  # without diffusers' empty fp32 warning
+    parts = load_run_parts(cfg, device, to_dtype(cfg.training.mixed_precision))
+    latent_shape = freeze_parts(cfg, parts, device)  # as training freezes them
     if lora_file is not None:
         state, _ = load_lora_file(lora_file)
-        # SDXL: kohya files name the original (SGM) blocks; diffusers maps them with the UNet's config
-        kw = {"unet_config": parts.unet.config} if parts.is_sdxl else {}
-        state, alphas = pipeline_class(parts).lora_state_dict(state, **kw)
-        parts.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="default")
-        for name, p in parts.unet.named_parameters():
+        family = family_of(parts)
+        state, alphas = family.read_lora(parts, state)
+        parts.denoiser.load_lora_adapter(state, network_alphas=alphas, prefix=family.lora_prefix,
+                                         adapter_name="default")
+        for name, p in parts.denoiser.named_parameters():
             if "lora_" in name:  # as in training: adapter in fp32 over a low-precision base
                 p.data = p.data.to(device, torch.float32)
     sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta, parts.scheduler_config)
-    side = cfg.sampling.resolution // parts.vae_scale_factor
     uncond = parts.uncond(device, cfg.sampling.resolution)
-    return EvalModels(parts, sched, uncond, (parts.unet.config.in_channels, side, side), device,
-                      lora_file is not None)
+    return EvalModels(parts, sched, uncond, latent_shape, device, lora_file is not None)
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -135,11 +133,11 @@ def batch_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def sample_batches(m: EvalModels, guidance_scale: float, items: List[tuple], batch_size: int, seed: int):
     """Yield (images (b, 3, H, W) in [0, 1] on the device, prompts, prompt indices) per batch."""
-    from .diffusion import as_epsilon
     from .images import decode_latents
-    from .sampling import cfg_eps_fn, sample
+    from .sampling import sample
+    from .update import policy_eps_fn
 
-    eps_fn = as_epsilon(cfg_eps_fn(m.parts.unet, m.uncond, guidance_scale), m.sched)
+    eps_fn = policy_eps_fn(m.parts.denoiser, m.uncond, guidance_scale, m.sched)
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
         prompts = [p for _, p in chunk]
@@ -166,7 +164,7 @@ def evaluate(target: str | Target, cfg, settings: Optional[EvalSettings] = None,
     """
     from tqdm.auto import tqdm
 
-    from .preflight import setup_errors
+    from .checks import setup_errors
     from .rewards import build_reward
     from .rewards.prompts import load_prompts
 

@@ -24,6 +24,12 @@ A1111 and ComfyUI expect of an SDXL LoRA, so the attention blocks are renamed
 (e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``);
 ``StableDiffusionXLPipeline.load_lora_weights`` maps them back (tested: same latents).
 
+SD 3.x (a transformer LoRA, diffusers keys ``transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight``):
+ComfyUI reads the diffusers file as it is, and the kohya-style file under the ``lora_transformer_``
+prefix that its key map gives SD 3 LoRAs (``comfy/lora.py``, ``model_lora_keys_unet``: each diffusers
+module path of ``comfy/utils.py``'s ``mmdit_to_diffusers`` with ``_`` for ``.``, the names OneTrainer
+writes), e.g. ``lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight``.
+
 The base model (kohya's ``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``, what A1111
 shows a LoRA with) comes from the run's ``config.json``; a loose file is judged by the width of its
 cross-attention inputs (768, 1024, 2048).  Exporting never changes the model: ``--alpha`` rescales the
@@ -51,22 +57,27 @@ from .dtypes import STORAGE_DTYPES, to_dtype
 from .targets import load_lora_file, resolve_target
 
 FORMATS = ("kohya", "diffusers")
+#: The kohya-style prefix of an SD 3 transformer LoRA's modules (ComfyUI's key map; see the module doc).
+SD3_PREFIX = "lora_transformer_"
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 # ----------------------------------------------------------------------------- formats
 
 def is_kohya(state: Dict[str, Tensor]) -> bool:
-    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in state)
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", SD3_PREFIX)) for k in state)
 
 
 def _adapter_alpha(metadata: Optional[dict]) -> Optional[float]:
-    """The UNet's ``lora_alpha`` from diffusers' adapter metadata (``{"unet.lora_alpha": …}``), if written."""
+    """The denoiser's ``lora_alpha`` from diffusers' adapter metadata (``{"unet.lora_alpha": …}``, SD 3:
+    ``transformer.lora_alpha``), if written."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError:
         return None
-    alpha = meta.get("unet.lora_alpha", meta.get("lora_alpha")) if isinstance(meta, dict) else None
+    keys = ("unet.lora_alpha", "transformer.lora_alpha", "lora_alpha")
+    alpha = next((meta[k] for k in keys if k in meta), None) if isinstance(meta, dict) else None
     return None if alpha is None else float(alpha)
 
 
@@ -82,15 +93,16 @@ def diffusers_to_kohya(state: Dict[str, Tensor], trained_alpha: Optional[float] 
     from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 
     peft: Dict[str, Tensor] = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in COMPONENTS:
         sub = {k[len(component) + 1:]: v for k, v in state.items() if k.startswith(component + ".")}
         if sub:
             peft.update({f"{component}.{k}": v for k, v in convert_unet_state_dict_to_peft(sub).items()})
-    unknown = [k for k in state if k.split(".", 1)[0] not in ("unet", "text_encoder", "text_encoder_2")]
+    unknown = [k for k in state if k.split(".", 1)[0] not in COMPONENTS]
     if unknown or not peft:
         raise ValueError(f"not a diffusers-format LoRA of a Stable Diffusion pipeline: keys like "
                          f"{(unknown or list(state))[:2]}")
-    out = convert_state_dict_to_kohya(peft)
+    out = {("lora_" + k if k.startswith("transformer_") else k): v  # diffusers names no SD 3 prefix
+           for k, v in convert_state_dict_to_kohya(peft).items()}
     for key in [k for k in out if k.endswith(".alpha")]:
         rank = out[key.replace(".alpha", ".lora_down.weight")].shape[0]
         out[key] = torch.tensor(float(rank if trained_alpha is None else trained_alpha))
@@ -153,6 +165,8 @@ def base_model(config_file: Optional[Path], state: Dict[str, Tensor]) -> Optiona
         state: the LoRA, any naming (diffusers, peft, kohya); only the cross-attention ``to_k`` down
             weights ``(r, cross_attention_dim)`` are read.
     """
+    if any(k.startswith(("transformer.", SD3_PREFIX)) for k in state):
+        return None  # SD 3: kohya's metadata names no SD 3 base model that ComfyUI reads
     unet = _unet_config(config_file)
     if unet is not None:
         if unet.get("addition_embed_type") == "text_time":
@@ -292,7 +306,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .preflight import check_export
+    from .checks import check_export
 
     problems = check_export(args.out)
     if problems:

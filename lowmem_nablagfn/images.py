@@ -12,10 +12,14 @@ from torch import Tensor, nn
 def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
     """Images of SD latents: (N, C, h, w) -> (N, 3, H, W) float32 in [0, 1].
 
-    The latents are unscaled by the VAE's ``scaling_factor`` and decoded in the VAE's storage dtype;
-    the images are cast to float32 (what the reward models compute in) before the [-1, 1] -> [0, 1] map.
+    The latents are unscaled by the VAE's ``scaling_factor`` (and shifted back by its ``shift_factor``
+    when it has one: SD 3's VAE, ``latents / 1.5305 + 0.0609``, as ``StableDiffusion3Pipeline`` decodes)
+    and decoded in the VAE's storage dtype; the images are cast to float32 (what the reward models
+    compute in) before the [-1, 1] -> [0, 1] map.
     """
-    x = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+    x = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    x = (x + shift if shift else x).to(next(vae.parameters()).dtype)
     return (vae.decode(x).sample.float() / 2 + 0.5).clamp(0, 1)
 
 

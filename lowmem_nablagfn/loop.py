@@ -19,15 +19,18 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import memtrack
 from .config import Config, validate
-from .diffusion import StepSchedule, as_epsilon, make_schedule
+from .diffusion import StepSchedule, make_schedule
 from .dtypes import to_dtype
 from .images import decode_latents
-from .memory import (LossScaler, MemoryPlan, ObjectiveSettings, Rows, UpdateContext, UpdateFns, accumulate_gradients,
-                     build_plan)
-from .models import SDParts, check_attention_backend, load_sd, prepare_for_training, reference_policy
-from .rewards import build_reward
+from .memory import Batches, LossScaler, MemoryPlan, Rows, UpdateContext, accumulate_gradients, build_plan
+from .models import SDParts, check_attention_backend, load_run_parts, prepare_for_training
+from .rewards import MixtureReward, build_reward
+from .rewards.mixture import component_metrics, grad_shares
 from .rewards.prompts import load_prompts
-from .sampling import Trajectories, cfg_eps_fn, sample
+from .sampling import Trajectories, sample
+from .update import make_latent_reward
+from .update import policy_eps_fn as policy_eps_fn_of
+from .update import update_context as context_of
 from .subsample import draw_indices, num_blocks, num_counters
 
 
@@ -48,14 +51,11 @@ class Components:
     run_dir: Path
     k: int
     latent_shape: tuple
+    plan: MemoryPlan
+    """The run's memory plan, built once (:func:`setup`): every memory knob and the row arithmetic."""
     sync: Optional[dist.GradientSync] = None  # gradient averaging / ZeRO: the one update path
     nonfinite_streak: int = 0  # updates skipped in a row for a non-finite loss or gradient
     optimizer_steps: int = 0  # optimiser steps taken (skipped updates do not count)
-
-    @property
-    def plan(self) -> MemoryPlan:
-        """The memory plan of ``cfg.memory`` (every memory knob is applied through it)."""
-        return build_plan(self.cfg.memory, self.flow_model is not None)
 
     @property
     def trainable(self) -> Dict[str, List[nn.Parameter]]:
@@ -92,17 +92,11 @@ def build_optimizer(cfg: Config, lora_params, flow_model) -> torch.optim.Optimiz
     return cls(groups, **kw)
 
 
-def make_latent_reward(vae: nn.Module, reward_model: nn.Module):
-    """``R(decode(x0))``: VAE decode in its storage dtype, reward in float32."""
-    def latent_reward(x0: Tensor, prompts) -> Tensor:
-        return reward_model(decode_latents(vae, x0), prompts)
-
-    return latent_reward
-
-
-def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
-    """Validate, then build models, adapter, flow model, reward, schedule and optimiser."""
+def setup(cfg: Config, run_dir: Optional[Path] = None, plan: Optional[MemoryPlan] = None) -> Components:
+    """Validate, then build models, adapter, flow model, reward, schedule and optimiser.  ``plan``:
+    the run's memory plan if the caller built it already (``train``'s fit check); else built here."""
     validate(cfg)
+    plan = plan if plan is not None else build_plan(cfg)
     device = dist.pick_device(cfg.device)
     dist.init_process_group(device, cfg.distributed)  # when a launcher started us (RANK, WORLD_SIZE)
     if cfg.training.allow_tf32 and device.type == "cuda":
@@ -111,15 +105,16 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     run_dir = run_dir or Path(cfg.logging.output_dir) / cfg.logging.run_name
     prompts = load_prompts(cfg.prompts.set, cfg.prompts.split)
 
-    check_attention_backend(cfg.memory.attention, device)  # before the (slow) model load
-    parts = load_sd(cfg.pretrained.model, cfg.pretrained.revision, cfg.pretrained.seed, cfg.pretrained.vae)
+    check_attention_backend(plan.placement.attention, device)  # before the (slow) model load
+    # SD 3.x: the prompts' embeddings first (cached; text encoders only on a miss), then transformer + VAE
+    parts = load_run_parts(cfg, device, to_dtype(cfg.training.mixed_precision))
     # the model's own betas, spacing and prediction type (an unsupported one is refused here)
     sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta, parts.scheduler_config)
     trainable = prepare_for_training(cfg, parts, device)  # frozen parts cast, LoRA, flow model
     lora_params, flow_model, latent_shape = trainable.lora_params, trainable.flow_model, trainable.latent_shape
     reward_model = build_reward(cfg.reward, device)
-    placement = build_plan(cfg.memory, flow_model is not None).placement
-    placement.apply_checkpointing(parts.unet, parts.vae, reward_model, flow_model)
+    placement = plan.placement
+    placement.apply_checkpointing(parts.denoiser, parts.vae, reward_model, flow_model)
     optimizer = build_optimizer(cfg, lora_params, flow_model)
     scaler = LossScaler(enabled=cfg.training.mixed_precision == "fp16",  # fp16: every backward scaled
                         params=[p for group in optimizer.param_groups for p in group["params"]])
@@ -129,7 +124,7 @@ def setup(cfg: Config, run_dir: Optional[Path] = None) -> Components:
     placement.place(parts)  # the VAE encoder (and offloaded text encoders) to host memory
     k = num_blocks(cfg.sampling.num_steps, cfg.model.timestep_fraction)
     return Components(cfg, device, parts, lora_params, flow_model, reward_model, sched, sync.optimizer,
-                      prompts, uncond, run_dir, k, latent_shape, sync=sync)
+                      prompts, uncond, run_dir, k, latent_shape, plan, sync=sync)
 
 
 # ----------------------------------------------------------------------------- epoch parts
@@ -139,8 +134,8 @@ def sample_epoch(c: Components, epoch: int) -> Trajectories:
     cfg, s = c.cfg, c.cfg.sampling
     gen = torch.Generator().manual_seed(epoch_seed(cfg, epoch, 0))
     eps_fn = policy_eps_fn(c)
-    storage = to_dtype(cfg.memory.transition_dtype)
     placement = c.plan.placement
+    storage = placement.storage_dtype
     out = []
     for b in range(s.num_batches_per_epoch):
         choice = torch.randint(len(c.prompts), (s.batch_size,), generator=gen).tolist()
@@ -162,37 +157,46 @@ def sample_epoch(c: Components, epoch: int) -> Trajectories:
 @torch.no_grad()
 def final_rewards(c: Components, latents: Tensor, prompts: List[str]) -> Tensor:
     with memtrack.phase("final_reward"):
-        return make_latent_reward(c.parts.vae, c.reward_model)(latents, prompts).float()
+        rewards = make_latent_reward(c.parts.vae, c.reward_model)(latents, prompts).float()
+    if isinstance(c.reward_model, MixtureReward):  # its components' scores, for the epoch's metrics
+        c.reward_model.log_last()
+    return rewards
+
+
+def mixture_metrics(c: Components, fresh: Trajectories) -> Dict[str, float]:
+    """A mixture's components: mean and std of each over the epoch's samples (every rank), and each one's
+    share of the reward gradient norm at the first rows' final images (:mod:`~lowmem_nablagfn.rewards.mixture`;
+    rows: as many as one input-gradient pass holds, so that the pass fits where training's does)."""
+    reward = c.reward_model
+    out = component_metrics({k: dist.gather_tensor(v.to(c.device)) for k, v in reward.pop_log().items()})
+    n = min(fresh.batch_size, c.cfg.memory.input_grad_chunk or c.cfg.training.batch_size)
+    with memtrack.phase("reward_shares"):
+        with torch.no_grad():
+            images = decode_latents(c.parts.vae, fresh.final_latents[:n].to(c.device))
+        out.update(grad_shares(dist.mean_over_ranks(reward.gradient_sq_norms(images, fresh.prompts[:n]))))
+    return out
 
 
 @torch.no_grad()
 def encode(c: Components, prompts: List[str]) -> Tensor:
     """Prompt embeddings (B, L, D) on the device (SDXL: a ``Conditioning`` with pooled embeddings
-    and time ids); with ``memory.offload_text_encoder`` the text encoders are moved to the device
-    for this call only and back to the CPU after it."""
+    and time ids; SD 3.x: with pooled embeddings, rows of the cached prompt table); with
+    ``memory.offload_text_encoder`` the text encoders are moved to the device for this call only and
+    back to the CPU after it."""
     parts = c.parts
     with memtrack.phase("encode"), c.plan.placement.encoders_on(parts, c.device):
         return parts.encode(prompts, c.device, c.cfg.sampling.resolution)
 
 
 def policy_eps_fn(c: Components):
-    """Guided ε of the UNet as it is now (LoRA on unless inside ``reference_policy``), whatever the
-    model predicts (v-prediction converted, :func:`~lowmem_nablagfn.diffusion.as_epsilon`)."""
-    return as_epsilon(cfg_eps_fn(c.parts.unet, c.uncond, c.cfg.sampling.guidance_scale), c.sched)
+    """Guided ε (SD 3.x: velocity) of the run's denoiser as it is now (:func:`~lowmem_nablagfn.update.policy_eps_fn`)."""
+    return policy_eps_fn_of(c.parts.denoiser, c.uncond, c.cfg.sampling.guidance_scale, c.sched)
 
 
 def update_context(c: Components) -> UpdateContext:
-    """The executor's view of the models: plain callables, the objective's scalars, the memory plan."""
-    m, unet, eps = c.cfg.model, c.parts.unet, policy_eps_fn(c)
-    flow = None
-    if c.flow_model is not None:
-        flow = lambda x, t, embeds: c.flow_model(x, t, encoder_hidden_states=embeds).sample  # noqa: E731
-    return UpdateContext(
-        UpdateFns(eps, eps, flow, make_latent_reward(c.parts.vae, c.reward_model), lambda: reference_policy(unet)),
-        c.sched,
-        ObjectiveSettings(m.reward_scale, m.reverse_loss_scale, m.unet_reg_scale, m.pretrained_strength,
-                          m.reward_adaptive_mode, m.flow_zero_prompt),
-        plan=c.plan, scaler=c.sync.scaler or LossScaler())
+    """The executor's view of the run's models (:func:`~lowmem_nablagfn.update.update_context`)."""
+    return context_of(c.cfg, c.parts.denoiser, c.parts.vae, c.reward_model, c.flow_model, c.uncond, c.sched,
+                      plan=c.plan, scaler=c.sync.scaler)
 
 
 def optimizer_step(c: Components) -> Dict[str, float]:
@@ -302,7 +306,9 @@ def run_epoch(c: Components, epoch: int, buffer: Optional[Trajectories]) -> Tupl
     metrics = {"reward/mean": float(rewards.mean()),
                "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
                "reward/max": float(rewards.max()), "time/sample_s": time.perf_counter() - t0}
-    data = fresh if c.cfg.training.on_policy else buffer
+    if isinstance(c.reward_model, MixtureReward):
+        metrics.update(mixture_metrics(c, fresh))
+    data = fresh if c.plan.batches.held_epochs == 1 else buffer  # on-policy, or the official one-epoch lag
     if data is not None and epoch >= 0:
         t1 = time.perf_counter()
         with memtrack.phase("round_update"):
@@ -312,6 +318,5 @@ def run_epoch(c: Components, epoch: int, buffer: Optional[Trajectories]) -> Tupl
 
 
 def updates_per_epoch(cfg: Config) -> int:
-    """Optimiser updates of one epoch (the configuration's validation makes this exact)."""
-    s, t = cfg.sampling, cfg.training
-    return s.batch_size * s.num_batches_per_epoch // (t.batch_size * t.gradient_accumulation_steps)
+    """Optimiser updates of one epoch (:attr:`~lowmem_nablagfn.memory.Batches.updates_per_epoch`)."""
+    return Batches.of(cfg).updates_per_epoch

@@ -26,10 +26,6 @@ from .config import Config, add_config_arguments, to_dict
 from .memtrack import GiB
 from .sampling import Conditioning, as_conditioning
 
-PHASES = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad_cur", "reference", "policy",
-          "train", "optimizer")
-
-
 def _tensors(c, data) -> List[torch.Tensor]:
     """Everything the run holds before recording starts: models, optimiser state, samples."""
     out: List[torch.Tensor] = []
@@ -61,13 +57,18 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
 
     cfg = one_update_per_epoch(cfg)
     if components is None:
-        from .preflight import setup_errors
+        from .checks import setup_errors
 
         with setup_errors():  # one line, exit 2 (cli)
             components = loop.setup(cfg)
     c = components
-    c.cfg = cfg
-    per_round = loop.updates_per_epoch(cfg)
+    if c.cfg is not cfg:  # shared components: a copy with the round's epoch, the caller's left as it was
+        from dataclasses import replace
+
+        from .memory import build_plan
+
+        c = replace(c, cfg=cfg, plan=build_plan(cfg))
+    per_round = c.plan.batches.updates_per_epoch
     t0 = time.perf_counter()
     epoch = -1 if not cfg.training.on_policy else 0
     buffer = None
@@ -124,7 +125,8 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
         "memory_source": "torch.cuda.max_memory_allocated" if c.device.type == "cuda" else "memtrack.LiveBytes",
         "trace": trace_file,
     }
-    return {"summary": summary, "phases": {n: s.as_dict() for n, s in ph.items()}, "config": to_dict(cfg)}
+    return {"summary": summary, "phases": {n: s.as_dict() for n, s in ph.items()}, "config": to_dict(cfg),
+            "phase_order": list(c.plan.phase_order)}
 
 
 def one_update_per_epoch(cfg: Config) -> Config:
@@ -140,7 +142,7 @@ def one_update_per_epoch(cfg: Config) -> Config:
     return out
 
 
-def phase_table(result: dict, predicted: Optional[Dict[str, float]] = None) -> str:
+def measured_table(result: dict, predicted: Optional[Dict[str, float]] = None) -> str:
     """Markdown table of the phases (and the planner's prediction next to each peak)."""
     head = "| phase | calls | s / call | total s | peak (GiB) | throughput |"
     sep = "| --- | ---: | ---: | ---: | ---: | --- |"
@@ -149,7 +151,8 @@ def phase_table(result: dict, predicted: Optional[Dict[str, float]] = None) -> s
         sep += " ---: | ---: |"
     lines = [head, sep]
     ph = result["phases"]
-    for name in PHASES + ("round_sample", "round_update"):
+    order = result.get("phase_order") or [n for n in ph if not n.startswith("round_")]  # the memory plan's
+    for name in [*order, "round_sample", "round_update"]:
         if name not in ph:
             continue
         s = ph[name]
@@ -198,13 +201,13 @@ def run(args) -> int:
                          trace_dir=Path(args.trace) if args.trace else None)
     predicted = None
     if args.compare_plan:
-        from .planner import Profile, predict
+        from .planner import Probes, predict
 
-        pred = predict(cfg, Profile(cfg))
+        pred = predict(cfg, Probes(cfg))
         predicted = {k: v / GiB for k, v in pred.phases.items()}
         result["predicted_gib"] = predicted
         result["predicted_peak_gib"] = pred.peak / GiB
-    table = phase_table(result, predicted)
+    table = measured_table(result, predicted)
     line = summary_line(result)
     if predicted is not None:
         line += f"; planner's predicted peak {result['predicted_peak_gib']:.3f} GiB"
@@ -223,4 +226,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_parser", "phase_table", "run", "run_profile", "summary_line"]
+__all__ = ["add_parser", "measured_table", "run", "run_profile", "summary_line"]

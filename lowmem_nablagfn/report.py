@@ -3,7 +3,9 @@
 It shows, from the files the run already writes:
 
 * curves from ``metrics.jsonl`` (PNG, matplotlib's Agg canvas, no display): reward mean ± std and
-  max, loss terms, gradient norms (before clipping), time per epoch, peak memory;
+  max (a reward mixture: also each component's mean ± std, one panel each, and its share of the
+  reward gradient norm), loss terms, gradient norms (before clipping), time per epoch, peak memory,
+  the reward-hacking monitor's held-out rewards beside the trained one (its warnings marked);
 * the fixed-seed sample grids ``samples/epoch_*.png`` across epochs (same seeds and prompts in
   every grid, so drift and loss of diversity are visible), with the grid's prompts;
 * memory and throughput figures, the evaluations in ``eval/*.json`` (``lowmem-nablagfn eval``) and
@@ -28,37 +30,28 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .metrics_log import read_metrics
+from .monitor import draw as draw_monitor, warnings_text
+
 REPORT = "report.html"
 PLOT_DIR = "report"
 MAX_GRIDS = 24
 
 #: (file stem, title, which metric keys it plots).
 PLOTS: List[tuple] = [
-    ("reward", "Reward of each epoch's samples", lambda k: k.startswith("reward/")),
+    ("reward", "Reward of each epoch's samples", lambda k: k.startswith("reward/") and k.count("/") == 1),
+    ("components", "Components of the reward mixture (mean ± std, each on its own axis)",
+     lambda k: k.startswith("reward/") and k.endswith(("/mean", "/std")) and k.count("/") == 2),
+    ("grad_share", "Share of the reward gradient norm per component", lambda k: k.endswith("/grad_share")),
     ("loss", "Loss terms (training batches' mean)", lambda k: k.startswith("train/") and "grad_norm" not in k),
     ("grad_norm", "Gradient norms before clipping", lambda k: "grad_norm" in k),
     ("time", "Time per epoch (s)", lambda k: k.startswith("time/")),
     ("memory", "Peak memory (GiB)", lambda k: k.startswith("memory/")),
+    ("monitor", "Held-out rewards not trained on (monitor.*)", lambda k: k.startswith("monitor/")),
 ]
 
 
 # ----------------------------------------------------------------------------- data
-
-def read_metrics(path: Path) -> List[dict]:
-    """Rows of ``metrics.jsonl``; a partly written last line is skipped; a resumed run's repeated
-    epochs keep their latest row."""
-    rows: Dict[int, dict] = {}
-    if not path.is_file():
-        return []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "epoch" in row:
-            rows[int(row["epoch"])] = row
-    return [rows[k] for k in sorted(rows)]
-
 
 def read_run(run_dir: Path) -> Tuple[List[dict], dict]:
     """``(metrics rows, resolved config)`` of a run directory; an unreadable config is ``{}``."""
@@ -89,14 +82,42 @@ def _draw(name: str, title: str, data: Dict[str, tuple], path: Path) -> None:
 
     fig = Figure(figsize=(6.4, 3.4), dpi=80)
     fig.subplots_adjust(left=0.11, right=0.98, top=0.91, bottom=0.14)  # fixed: layout engines cost ~2x
-    ax = fig.add_subplot()
+    if name == "components":  # rewards of different scales (aesthetic ~6, PickScore ~21): one panel each
+        _draw_components(fig, title, data)
+    elif name == "monitor":  # watched rewards beside the trained one, warnings marked
+        draw_monitor(fig, title, data)
+    else:
+        _draw_axes(fig.add_subplot(), name, title, data)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+
+
+def _mean_band(ax, data: Dict[str, tuple], mean_key: str, std_key: str, color: str, label: str) -> None:
+    xs, mean = data[mean_key]
+    ax.plot(xs, mean, label=label, color=color)
+    if std_key in data and data[std_key][0] == xs:
+        std = data[std_key][1]
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=color, alpha=0.2, label="± std")
+
+
+def _draw_components(fig, title: str, data: Dict[str, tuple]) -> None:
+    labels = sorted({k.split("/")[1] for k in data if k.endswith("/mean")})
+    for i, label in enumerate(labels):
+        ax = fig.add_subplot(1, len(labels), i + 1)
+        _mean_band(ax, data, f"reward/{label}/mean", f"reward/{label}/std", f"C{i + 1}", label)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.subplots_adjust(top=0.8, wspace=0.35)
+    fig.suptitle(title, fontsize=10)
+
+
+def _draw_axes(ax, name: str, title: str, data: Dict[str, tuple]) -> None:
     if name == "reward" and "reward/mean" in data:
-        xs, mean = data["reward/mean"]
-        ax.plot(xs, mean, label="mean", color="C0")
-        if "reward/std" in data and data["reward/std"][0] == xs:
-            std = data["reward/std"][1]
-            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color="C0", alpha=0.2, label="± std")
+        _mean_band(ax, data, "reward/mean", "reward/std", "C0", "mean")
         for k in [k for k in data if k not in ("reward/mean", "reward/std")]:
             ax.plot(*data[k], linestyle="--", label=k.split("/", 1)[1])
     else:
@@ -111,9 +132,6 @@ def _draw(name: str, title: str, data: Dict[str, tuple], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
 
 
 def update_plots(run_dir: Path, rows: List[dict], force: bool = False, min_interval: float = 30.0) -> List[tuple]:
@@ -184,6 +202,7 @@ def _summary(rows: List[dict], cfg: dict) -> str:
     if rewards:
         items += [("reward mean: first → last (best)",
                    f"{_num(rewards[0])} → {_num(rewards[-1])} ({_num(max(rewards))})")]
+    items += [("reward-hacking warnings (monitor.*)", w)] if (w := warnings_text(rows)) is not None else []
     peaks = [r["memory/peak_gb"] for r in rows if "memory/peak_gb" in r]
     if peaks:
         items += [("peak memory (GiB; CUDA: max allocated, CPU: max resident)", _num(max(peaks), 3))]
@@ -308,7 +327,10 @@ def write_report(run_dir: str | Path, force: bool = False, min_interval: float =
     plots = update_plots(run_dir, rows, force=force, min_interval=min_interval)
     e = html.escape
     name = cfg.get("logging", {}).get("run_name", run_dir.name)
-    what = (f"{cfg.get('pretrained', {}).get('model', '?')} · reward {cfg.get('reward', {}).get('name', '?')} · "
+    reward = cfg.get("reward", {})
+    mix = ", ".join(f"{k} × {v:g}" for k, v in (reward.get("mix") or {}).items())
+    what = (f"{cfg.get('pretrained', {}).get('model', '?')} · reward {reward.get('name', '?')}"
+            f"{f' ({mix})' if mix else ''} · "
             f"{'no-flow' if cfg.get('model', {}).get('no_flow') else 'residual ∇-DB'}")
     plot_html = "\n".join(f'<img src="{e(src, quote=True)}" alt="{e(title, quote=True)}">' for src, title in plots)
     page = f"""<!DOCTYPE html>

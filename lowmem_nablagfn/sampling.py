@@ -205,20 +205,12 @@ def cfg_eps_fn(unet: nn.Module, uncond_embeds: Cond, guidance_scale: float) -> E
     ``uncond_embeds`` is one row; ``cond`` and it are prompt-embedding tensors or
     :class:`Conditioning` (SDXL's pooled embeddings and time ids travel with the rows, for both
     halves of the CFG batch).  The UNet runs in its own dtype; the guided output is returned in
-    ``x``'s dtype.
+    ``x``'s dtype.  (:func:`~lowmem_nablagfn.models.family.cfg_model_fn` of the UNet family: every
+    family's guided call is that one function.)
     """
-    dtype = next(unet.parameters()).dtype
-    uncond_c = as_conditioning(uncond_embeds)
+    from .models.family import UNetFamily, cfg_model_fn
 
-    def eps_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        n = x.shape[0]
-        c = as_conditioning(cond)
-        both = Conditioning.cat([uncond_c.to(c.device, c.dtype).expand_rows(n), c])
-        out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), **both.unet_kwargs(dtype)).sample.to(x.dtype)
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
-
-    return eps_fn
+    return cfg_model_fn(UNetFamily, unet, uncond_embeds, guidance_scale)
 
 
 @torch.no_grad()

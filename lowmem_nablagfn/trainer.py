@@ -16,7 +16,9 @@ from . import distributed as dist
 from .config import Config, add_config_arguments, to_dict
 from .images import save_grid
 from .loop import run_epoch, sample_grid, setup
+from .memory import MemoryPlan, build_plan
 from .memtrack import peak_memory_gb
+from .monitor import Monitor, stopped
 
 # ----------------------------------------------------------------------------- logging
 
@@ -84,32 +86,35 @@ def load_final_sample(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None) -> Path:
+def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
+          plan: Optional[MemoryPlan] = None) -> Path:
     """Run (or resume) a training job; returns the run directory.
 
     ``stop_after_epoch`` ends the run early after that epoch's checkpoint (tests of interruption).
+    ``plan``: the run's memory plan when the caller built it (the fit check); default: :func:`setup`'s.
     """
     from tqdm.auto import tqdm
 
-    from .preflight import setup_errors
+    from .checks import setup_errors
     from .report import refresh_report
     from .summary import train_summary
 
     t_start = time.perf_counter()
-    plan = ckpt.plan_run(cfg, resume)  # before any model is built: refuse what cannot start or resume
+    decision = ckpt.decide_start(cfg, resume)  # before any model is built: refuse what cannot start or resume
     with setup_errors():  # what fails here is one line (exit 2), and the run directory is still untouched
-        c = setup(cfg)
+        c = setup(cfg, plan=plan)
     # rank 0, only now: --overwrite's deletions, stale temporaries, metrics cut back, config.json
-    ckpt.start_run(plan, cfg)
+    ckpt.start_run(decision, cfg)
     dist.barrier()  # no rank writes into the run directory before it is tidied
     run_dir, lg = c.run_dir, cfg.logging
     logger = MetricLogger(run_dir if dist.is_main() else None, cfg)
+    monitor = Monitor(c)  # rewards not trained on, every monitor.every epochs (a no-op when monitor.rewards is empty)
     first = 0 if cfg.training.on_policy else -1  # the official loop's epoch -1 only samples
 
     # 1. resume: adapter, flow model, optimiser, the lagged sample buffer, counters
     buffer, start, global_step = None, first, 0
-    if plan.checkpoint is not None:  # with this rank's own buffer, RNG and ZeRO partitions
-        state = ckpt.load(plan.checkpoint, c.parts.unet, c.flow_model, c.sync)
+    if decision.checkpoint is not None:  # with this rank's own buffer, RNG and ZeRO partitions
+        state = ckpt.load(decision.checkpoint, c.parts.denoiser, c.flow_model, c.sync)
         buffer = c.plan.placement.park(ckpt.buffer_from_state(state.buffer), c.device)  # as fresh samples are
         start, global_step = state.epoch + 1, state.global_step
 
@@ -124,6 +129,8 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
         global_step += c.optimizer_steps - steps_before  # updates skipped for non-finite values do not count
         metrics.update({"time/epoch_s": time.perf_counter() - t0, "memory/peak_gb": peak_memory_gb(c.device),
                         "optimizer_steps": global_step})
+        watched, stop = monitor(epoch)  # held-out scores; stop: a hacking warning under monitor.stop=true
+        metrics.update(watched)
         # 3. log, sample grid of fixed seeds, checkpoint (atomic)
         if dist.is_main():
             if lg.sample_grid_seeds:
@@ -134,18 +141,18 @@ def train(cfg: Config, resume: Optional[str] = None, stop_after_epoch: Optional[
             bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}", mem=f"{metrics['memory/peak_gb']:.1f}G")
         bar.update(1)
         last = epoch == cfg.training.num_epochs - 1
-        if epoch >= 0 and ((epoch + 1) % lg.save_every == 0 or last or epoch == stop_after_epoch):
+        if epoch >= 0 and ((epoch + 1) % lg.save_every == 0 or last or epoch == stop_after_epoch or stop):
             # every rank: its buffer and ZeRO partitions are its own; rank 0 renames atomically
             state = ckpt.TrainingState(epoch, global_step, to_dict(cfg), c.sync.state_dict(),
                                        ckpt.buffer_state(buffer), world_size=dist.world_size())
-            ckpt.save(run_dir, c.parts.unet, c.flow_model, state, c.sync, keep=lg.keep_checkpoints)
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            ckpt.save(run_dir, c.parts.denoiser, c.flow_model, state, c.sync, keep=lg.keep_checkpoints)
+        if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
     bar.close()
     # 4. final artefacts: the LoRA in diffusers format and the final fixed-seed sample
     if dist.is_main():
         (run_dir / "lora").mkdir(parents=True, exist_ok=True)
-        ckpt.save_lora(c.parts.unet, run_dir / "lora")
+        ckpt.save_lora(c.parts.denoiser, run_dir / "lora")
         if lg.sample_grid_seeds:
             latents, images, prompts = sample_grid(c, lg.sample_grid_seeds)
             save_grid(images, run_dir / "samples" / "final.png")
@@ -178,14 +185,17 @@ def run(args) -> int:
     """``lowmem-nablagfn train``: ``args.cfg`` is the loaded, checked configuration.  Exit code 3 when it
     is predicted not to fit the GPU (on CUDA, without ``--force``); the CLI maps the run's errors
     (:class:`~lowmem_nablagfn.checkpoint.RunError`, ``NonFiniteError``) to its exit codes."""
+    plan = build_plan(args.cfg)  # the run's one plan: the fit check and the run read it
     if not args.force:  # on CUDA: refuse a configuration predicted not to fit (CPU: no check)
         import sys
 
-        from .planner import preflight
+        from .planner import fit_check
 
-        refusal = preflight(args.cfg)
+        refusal = fit_check(args.cfg, plan)
         if refusal is not None:
             print(f"lowmem-nablagfn: {refusal}", file=sys.stderr)
             return 3
-    train(args.cfg, resume=args.resume)
-    return 0  # train() printed its summary (rank 0): results, where they are, next commands
+    run_dir = train(args.cfg, resume=args.resume, plan=plan)
+    # train() printed its summary (rank 0): results, where they are, next commands; exit code 1 when the
+    # reward-hacking monitor stopped the run (monitor.stop=true)
+    return 1 if stopped(run_dir) else 0

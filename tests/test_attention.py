@@ -86,7 +86,7 @@ def test_math_kernel_is_traced_and_warned(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWMEM_NABLAGFN_CACHE", str(tmp_path / "cache"))
     fused = small_config(tmp_path, "device=cuda", "memory.mode=official")
     math = small_config(tmp_path, "device=cuda", "memory.mode=official", "memory.attention=math")
-    profile = planner.Profile(fused)
+    profile = planner.Probes(fused)
     a, b = planner.predict(fused, profile, (8, 0)), planner.predict(math, profile, (8, 0))
     assert not a.notes and b.notes and "math SDPA kernel" in b.notes[0]
     assert b.phases["train"] > a.phases["train"] and b.phases["sampling"] > a.phases["sampling"]

@@ -71,14 +71,14 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside_and_keeps_the
     assert len(lines) == 1 and "epoch-000001, epoch-000002" in lines[0] and str(aside) in lines[0], err
     # a later --resume continues this branch, not the abandoned one
     cfg = validate(load_config("tiny_cpu", [*SMALL, f"logging.output_dir={run.parent}", "logging.run_name=x"]))
-    assert ckpt.plan_run(cfg, "auto").checkpoint.name == "epoch-000001"
+    assert ckpt.decide_start(cfg, "auto").checkpoint.name == "epoch-000001"
 
 
 def test_setting_aside_twice_loses_nothing(run_copy):
     """A second resume from an older checkpoint finds its names taken in abandoned/: both are kept."""
     cfg = validate(load_config("tiny_cpu", [*SMALL, f"logging.output_dir={run_copy.parent}", "logging.run_name=x"]))
     for _ in range(2):
-        ckpt.start_run(ckpt.plan_run(cfg, str(run_copy / "checkpoints" / "epoch-000000")), cfg)
+        ckpt.start_run(ckpt.decide_start(cfg, str(run_copy / "checkpoints" / "epoch-000000")), cfg)
         shutil.copytree(run_copy / "checkpoints" / "epoch-000000", run_copy / "checkpoints" / "epoch-000001")
     aside = sorted(p.name for p in (run_copy / "checkpoints" / ckpt.ABANDONED_DIR).iterdir())
     assert aside == ["epoch-000001", "epoch-000001.1", "epoch-000002", "metrics.jsonl", "metrics.jsonl.1"]
@@ -88,7 +88,7 @@ def test_resume_compares_paths_resolved(run_copy, monkeypatch):
     """An absolute --resume with a relative logging.output_dir: ``latest`` names the resumed checkpoint."""
     monkeypatch.chdir(run_copy.parent)
     cfg = validate(load_config("tiny_cpu", [*SMALL, "logging.output_dir=.", "logging.run_name=x"]))
-    plan = ckpt.plan_run(cfg, str(run_copy / "checkpoints" / "epoch-000000"))
+    plan = ckpt.decide_start(cfg, str(run_copy / "checkpoints" / "epoch-000000"))
     ckpt.start_run(plan, cfg)
     assert (run_copy / "checkpoints" / "latest").read_text().strip() == "epoch-000000"
 

@@ -138,10 +138,10 @@ def test_ddp_two_process_resume_ends_where_uninterrupted_run_ends(runs):
 def test_resume_with_another_process_count_is_refused_before_setup(runs, tmp_path):
     from helpers import small_config
 
-    from lowmem_nablagfn.checkpoint import RunError, plan_run
+    from lowmem_nablagfn.checkpoint import RunError, decide_start
 
-    with pytest.raises(RunError, match="written by 2 process"):  # nothing built: plan_run reads the manifest
-        plan_run(small_config(tmp_path), str(runs / "cut-ddp" / "checkpoints" / "epoch-000001"), world_size=1)
+    with pytest.raises(RunError, match="written by 2 process"):  # nothing built: decide_start reads the manifest
+        decide_start(small_config(tmp_path), str(runs / "cut-ddp" / "checkpoints" / "epoch-000001"), world_size=1)
 
 
 # ----------------------------------------------------------------------------- cheap checks

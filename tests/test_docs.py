@@ -24,10 +24,11 @@ IDS = [p.relative_to(ROOT).as_posix() for p in DOCS]
 SECTIONS = tuple(f.name for f in fields(Config) if is_dataclass(getattr(Config(), f.name))) + ("eval",)
 #: Top-level keys that are overrides on their own (``device=cuda``, ``seed=0``).
 TOP_KEYS = tuple(f.name for f in fields(Config) if not is_dataclass(getattr(Config(), f.name)))
-#: The before-stop hook's pattern (/work/shared/hooks/before-stop), top-level keys added.  The
-#: look-behind skips the official spelling ``--config.model.x=…`` (mapped by the CLI, not a dotted key).
+#: The before-stop hook's pattern (/work/shared/hooks/before-stop), top-level keys added, and a mapping
+#: value ``{a: 1, b: 2}`` taken whole (``reward.mix``).  The look-behind skips the official spelling
+#: ``--config.model.x=…`` (mapped by the CLI, not a dotted key).
 OVERRIDE = re.compile(r"(?<![\w./-])((?:" + "|".join(SECTIONS) + r")\.[a-z_][\w.]*|(?:" + "|".join(TOP_KEYS)
-                      + r")) ?= ?([^\s`|)]+)")
+                      + r")) ?= ?(\{[^}\n]*\}|[^\s`|)]+)")
 #: Values shown as placeholders, not as something to type.
 PLACEHOLDERS = {"PATH", "DIR", "N", "NAME", "P"}
 #: Overrides the docs show as refused, with the refusal (configuration.md: how a bad value is reported).

@@ -14,7 +14,6 @@ from lowmem_nablagfn import loop as T
 from lowmem_nablagfn import memtrack
 from lowmem_nablagfn.config import MemoryConfig
 from lowmem_nablagfn.memory import Rows, accumulate_gradients, build_plan, executor
-from lowmem_nablagfn.models import set_checkpointing
 from lowmem_nablagfn.sampling import Trajectories
 from lowmem_nablagfn.subsample import gather
 
@@ -37,11 +36,10 @@ REWARD = ["reward.name=aesthetic", "reward.checkpoint=random:reduced"]  # a towe
 
 def _ctx(c, opts):
     """The update context of ``c`` under the memory options ``opts`` (checkpointing switched on/off)."""
-    for module, key in ((c.parts.unet, "checkpoint_unet"), (c.parts.vae, "checkpoint_vae"),
-                        (c.reward_model, "checkpoint_reward"), (c.flow_model, "checkpoint_flow")):
-        set_checkpointing(module, bool(opts.get(key)))  # the trainer's switch (models.checkpointing)
+    plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)
+    plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)  # the trainer's switch
     ctx = T.update_context(c)
-    ctx.plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)
+    ctx.plan = plan
     return ctx
 
 

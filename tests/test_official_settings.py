@@ -149,7 +149,7 @@ def test_kept_transitions_are_stored_in_fp32_by_default(tmp_path):
         assert Rows.from_trajectories(data, c.sched.num_steps, c.device).x.dtype == torch.float32
     c.sync.close()
     cfg = load_config("sd15_rtx4090")
-    profile = planner.Profile(cfg, allow_trace=False)
+    profile = planner.Probes(cfg, allow_trace=False)
     sizes = {d: planner.predict(load_config("sd15_rtx4090", [f"memory.transition_dtype={d}"]),
                                 profile).resident["trajectories"] for d in ("fp32", "bf16")}
     assert sizes["fp32"] > sizes["bf16"]

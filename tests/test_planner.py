@@ -22,7 +22,7 @@ def _planner_cache(tmp_path_factory):
 
 def _compare(cfg):
     measured = profiler.run_profile(cfg, updates=1, warmup=0)  # the optimiser state is small here
-    pred = planner.predict(cfg, planner.Profile(cfg))
+    pred = planner.predict(cfg, planner.Probes(cfg))
     peak = measured["summary"]["peak_gib"]
     phases = {n: measured["phases"][n]["peak_gib"] for n in TRAIN_PHASES if n in measured["phases"]}
     return peak, pred, phases
@@ -70,7 +70,7 @@ def test_official_baseline_against_one_graph_for_the_batch():
     """SD 1.5 / 512 px (shipped traces): the official schedule holds one slot's graph (B of B(K+1) rows):
     far less than the whole batch in one graph, for the same passes (the same work within 10 %)."""
     cfg = load_config("sd15_rtx4090")
-    profile = planner.Profile(cfg, allow_trace=False)
+    profile = planner.Probes(cfg, allow_trace=False)
     official = planner.predict(planner.official_baseline(cfg), profile)
     naive = planner.predict(load_config("sd15_rtx4090", planner.OFFICIAL_OVERRIDES + ["memory.mode=naive"]), profile)
     resident = official.resident["weights"] / GiB
@@ -87,7 +87,7 @@ def test_prediction_costs_the_executors_plan(mode, no_flow):
     from lowmem_nablagfn.memory import build_plan
 
     cfg = load_config("tiny_cpu", [f"memory.mode={mode}", f"model.no_flow={no_flow}"])
-    pred = planner.predict(cfg, planner.Profile(cfg, cache=False, allow_trace=False))
+    pred = planner.predict(cfg, planner.Probes(cfg, cache=False, allow_trace=False))
     trained = [n for n in pred.phases if n not in ("encode", "sampling", "final_reward", "optimizer")]
     assert trained == [ph.name for ph in build_plan(cfg.memory, residual=not no_flow).phases]
 
@@ -95,7 +95,7 @@ def test_prediction_costs_the_executors_plan(mode, no_flow):
 def test_sdxl_official_baseline_from_the_shipped_trace():
     """``plan --table`` shows the official schedule's peak for SDXL as for SD 1.5, from the shipped trace."""
     cfg = load_config("sdxl_rtx4090")
-    profile = planner.Profile(cfg, cache=False, allow_trace=False)
+    profile = planner.Probes(cfg, cache=False, allow_trace=False)
     official = planner.predict(planner.official_baseline(cfg), profile)
     assert official.peak > 2 * planner.predict(cfg, profile).peak
 
@@ -105,7 +105,7 @@ def test_gpu_allowances_context_and_minimum_slack(tmp_path):
     bytes, the CUDA context of its class and the minimum slack."""
     cpu = small_config(tmp_path)
     gpu = small_config(tmp_path, "device=cuda")
-    profile = planner.Profile(cpu)
+    profile = planner.Probes(cpu)
     a, b = planner.predict(cpu, profile), planner.predict(gpu, profile, (9, 0))
     assert not any(a.allowances.values())
     for name, v in a.phases.items():
@@ -166,9 +166,61 @@ def test_prediction_matches_measured_peak_reduced_model(tmp_path, reduced_model)
     _check_phases(pred, phases)
 
 
+@pytest.mark.parametrize("reward,checkpoint", [("pickscore", True), ("clipscore", False)])
+def test_prediction_matches_measured_peak_clip_rewards(tmp_path, reward, checkpoint):
+    """PickScore and CLIPScore (reduced towers: the image tower with gradients, the text tower for the
+    cached prompt embeddings) on the tiny model, where the reward's weights are a quarter of each phase.
+    Their activations stay under a tenth of it (checkpointing the blocks moves no phase's peak here): the
+    trace of the towers themselves is checked by the next test."""
+    cfg = small_config(tmp_path, f"reward.name={reward}", "reward.checkpoint=random:reduced",
+                       f"memory.checkpoint_reward={checkpoint}", "memory.input_grad_chunk=2")
+    peak, pred, phases = _compare(cfg)
+    _report(f"tiny, {reward}, checkpoint_reward={checkpoint}", peak, pred, phases)
+    assert pred.peak / GiB == pytest.approx(peak, rel=0.15)
+    _check_phases(pred, phases)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("reward", ["pickscore", "clipscore"])
+def test_reward_trace_matches_measured_live_bytes(tmp_path, reward, checkpoint):
+    """The planner's trace of a CLIP-tower reward against live bytes measured on the real (reduced)
+    model, at 1 and 3 rows (3: the linear interpolation): forward peak, what the forward leaves for the
+    backward, backward peak.  Sharper than the whole-update tests above, where the reduced towers'
+    activations are a small part of a phase.  Checkpointed, the forward leaves less for the backward."""
+    from lowmem_nablagfn.memtrack import LiveBytes
+    from lowmem_nablagfn.models import set_checkpointing
+    from lowmem_nablagfn.rewards import build_reward
+
+    cfg = small_config(tmp_path, f"reward.name={reward}", "reward.checkpoint=random:reduced", "sampling.resolution=128")
+    profile = planner.Probes(cfg, cache=False)
+    # the run's first reward call (the final reward, no graph) encodes and caches the prompt; so does the
+    # trace's first, so that the gradient passes compared here see a filled cache on both sides
+    profile.get("reward_nograd")
+    model = build_reward(cfg.reward)
+    set_checkpointing(model, checkpoint)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 128, 128), [""])
+    for rows in (1, 3):
+        x = torch.rand(rows, 3, 128, 128, requires_grad=True)
+        with LiveBytes() as mem:
+            mem.register_modules(model).register([x])
+            mem.reset_peak()
+            base = mem.current
+            y = model(x, [""] * rows)
+            measured = {"Pf": mem.peak - base, "F": mem.current - base}
+            mem.reset_peak()
+            torch.autograd.grad(y, x, torch.ones_like(y))
+            measured["Pb"] = mem.peak - base
+        traced = profile.get("reward", {"reward": checkpoint}, rows)
+        for q, v in measured.items():
+            assert traced[q] == pytest.approx(v, rel=0.02), (rows, q, traced[q], v)
+    if checkpoint:  # 22 % (PickScore) / 26 % (CLIPScore) less than unchecked (reduced towers: 2 blocks each)
+        assert measured["F"] < 0.9 * profile.get("reward", {"reward": False}, 3)["F"]
+
+
 def test_proposal_fits_and_is_a_valid_configuration(tmp_path):
     cfg = small_config(tmp_path)
-    profile = planner.Profile(cfg)
+    profile = planner.Probes(cfg)
     as_is = planner.predict(cfg, profile)
     lean = small_config(tmp_path, "memory.checkpoint_unet=true", "memory.checkpoint_vae=true",
                         "memory.checkpoint_flow=true", "memory.input_grad_chunk=1", "memory.train_chunk=1")
@@ -203,7 +255,7 @@ def test_train_refuses_a_configuration_that_does_not_fit(tmp_path, monkeypatch, 
     calls = []
     from lowmem_nablagfn import trainer
 
-    monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: calls.append(cfg) or tmp_path)
+    monkeypatch.setattr(trainer, "train", lambda cfg, resume=None, plan=None: calls.append(cfg) or tmp_path)
     assert cli.main(args + ["--force"]) == 0
     assert cli.main(args[:-1] + ["device=cpu"]) == 0
     assert len(calls) == 2
@@ -211,7 +263,7 @@ def test_train_refuses_a_configuration_that_does_not_fit(tmp_path, monkeypatch, 
 
 def test_refusal_message_names_the_overrides(tmp_path):
     cfg = small_config(tmp_path)
-    pred = planner.predict(cfg, planner.Profile(cfg))
+    pred = planner.predict(cfg, planner.Probes(cfg))
     # a card 30 % of the reserved bytes short (the CUDA context and minimum slack are fixed costs)
     msg = planner.check_fits(cfg, pred.required_gib() - 0.3 * pred.reserved_gib())
     assert msg is not None and "memory." in msg and "predicted peak" in msg
@@ -235,7 +287,8 @@ def test_parse_vram(text, gib):
 
 PRESET_CARDS = {"sd15_rtx4090": "RTX4090-24", "sd15_v100": "V100-16", "sd15_l40": "L40-48",
                 "sd15_nof_lowmem": "8GB", "sd15_a100x8": "A100-80", "sd15_a100x8_fast": "A100-80",
-                "sd15_a100x2": "A100-80", "sd15_a100x8_hpsv2": "A100-80", "sd15_a100x8_imagereward": "A100-80"}
+                "sd15_a100x2": "A100-80", "sd15_a100x8_hpsv2": "A100-80", "sd15_a100x8_imagereward": "A100-80",
+                "sd15_a100x8_pickscore": "A100-80", "sd15_a100x8_aesthetic_pickscore": "A100-80"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_CARDS))
@@ -243,7 +296,7 @@ def test_gpu_presets_fit_their_cards(preset):
     """From the shipped SD 1.5 / 512 px profile (no tracing); regenerate it with
     ``lowmem-nablagfn plan --table`` and copy the cache file into lowmem_nablagfn/planner_profiles/."""
     cfg = load_config(preset)
-    profile = planner.Profile(cfg, allow_trace=False)
+    profile = planner.Probes(cfg, allow_trace=False)
     try:
         pred = planner.predict(cfg, profile)
     except planner.MissingProbe as exc:
@@ -268,12 +321,12 @@ def test_cuda_allowances_of_the_tiny_model_fit_the_gpu_tests_tolerance(tmp_path)
     cuDNN allowance scales with the largest convolution, so it cannot eat the tolerance by itself, while
     SD 1.5 at 512 px keeps the flat estimate (:data:`planner.CUDNN_WORKSPACE_GIB`)."""
     gpu = small_config(tmp_path, "device=cuda", "training.mixed_precision=bf16")
-    pred = planner.predict(gpu, planner.Profile(gpu), (9, 0))
+    pred = planner.predict(gpu, planner.Probes(gpu), (9, 0))
     traced = pred.peak - pred.allowances[pred.peak_phase]
     assert pred.allowances[pred.peak_phase] < 0.1 * traced, (pred.peak_phase, pred.allowances, traced / GiB)
     assert 0 < pred.allowances["sampling"] < 0.1 * traced
     sd15 = load_config("sd15_rtx4090")
-    flat = planner.predict(sd15, planner.Profile(sd15, allow_trace=False), (8, 9)).allowances
+    flat = planner.predict(sd15, planner.Probes(sd15, allow_trace=False), (8, 9)).allowances
     assert flat["sampling"] == planner.CUDNN_WORKSPACE_GIB["nograd"] * GiB
     assert flat["train"] >= planner.CUDNN_WORKSPACE_GIB["grad"] * GiB
 

@@ -184,8 +184,8 @@ def test_overwrite_starts_afresh(tmp_path):
     (run / "metrics.jsonl").write_text('{"epoch": 5}\n')
     (run / "config.json").write_text(json.dumps(to_dict(_cfg(tmp_path, "r"))))  # the run marker (overwrite's licence)
     with pytest.raises(ckpt.RunError, match="--overwrite"):
-        ckpt.plan_run(_cfg(tmp_path, "r"))
-    plan = ckpt.plan_run(_cfg(tmp_path, "r", "logging.overwrite=true"))
+        ckpt.decide_start(_cfg(tmp_path, "r"))
+    plan = ckpt.decide_start(_cfg(tmp_path, "r", "logging.overwrite=true"))
     ckpt.start_run(plan, _cfg(tmp_path, "r", "logging.overwrite=true"))
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
     assert (run / "config.json").is_file()
@@ -193,7 +193,7 @@ def test_overwrite_starts_afresh(tmp_path):
 
 def test_another_world_size_is_refused_before_setup(interrupted):
     with pytest.raises(ckpt.RunError, match="written by 1 process"):
-        ckpt.plan_run(_cfg(interrupted[0], "cut"), "auto", world_size=2)
+        ckpt.decide_start(_cfg(interrupted[0], "cut"), "auto", world_size=2)
 
 
 # ----------------------------------------------------------------------------- non-finite

@@ -315,6 +315,52 @@ def test_checkpoint_key_is_refused_with_the_fix(name):
 
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_reward_knob_leaves_the_update_gradients(name, tmp_path, monkeypatch):
+    """``memory.checkpoint_reward=true`` through the trainer's set-up: the reward's blocks run under
+    ``torch.utils.checkpoint`` and the LoRA and flow gradients of one update are those without it.
+
+    The comparison compares something: every zero-initialised tensor (``lora_B``; the towers' biases
+    and norm shifts) is moved away from zero first, and every trainable tensor gets a gradient.  (The
+    pixel gradient of the reward alone: ``test_activation_checkpointing_same_scores_less_graph``.)"""
+    from lowmem_nablagfn import loop as T
+    from lowmem_nablagfn.memory import Rows, accumulate_gradients
+    from lowmem_nablagfn.models import set_checkpointing
+    from lowmem_nablagfn.rewards import towers
+
+    from helpers import small_config
+
+    torch.set_num_threads(1)
+    c = T.setup(small_config(tmp_path, f"reward.name={name}", "reward.checkpoint=random:reduced",
+                             "memory.checkpoint_reward=true"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*c.reward_model.parameters(), *(q for ps in c.trainable.values() for q in ps)]:
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    rows = Rows.from_trajectories(T.sample_epoch(c, 0).select(torch.arange(2)), c.sched.num_steps, c.device)
+    row_norm, end_norm = rows.norms(c.k + 1)
+    calls = []
+    inner = towers.checkpoint
+    monkeypatch.setattr(towers, "checkpoint", lambda *a, **k: calls.append(1) or inner(*a, **k))
+
+    def grads():
+        c.optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(T.update_context(c), rows, row_norm=row_norm, end_norm=end_norm, scale=0.5)
+        return {n: torch.cat([p.grad.reshape(-1) for p in ps]) for n, ps in c.trainable.items()}
+
+    with_ckpt = grads()
+    assert calls, "memory.checkpoint_reward=true did not checkpoint the reward's blocks"
+    for p in (q for ps in c.trainable.values() for q in ps):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    set_checkpointing(c.reward_model, False)
+    calls.clear()
+    without = grads()
+    assert not calls and with_ckpt.keys() == without.keys() == {"lora", "flow"}
+    for key, g in without.items():
+        torch.testing.assert_close(with_ckpt[key], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_cli_trains_the_tiny_model_on_it(name, tmp_path, capsys):
     from lowmem_nablagfn.cli import main
 

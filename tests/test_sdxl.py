@@ -185,7 +185,7 @@ def test_planner_predicts_the_sdxl_preset_from_the_shipped_trace():
     from lowmem_nablagfn import planner
 
     cfg = load_config("sdxl_rtx4090")
-    prof = planner.Profile(cfg, cache=False, allow_trace=False)
+    prof = planner.Probes(cfg, cache=False, allow_trace=False)
     assert prof.models.text_shape == (77, 2048) and prof.static["latent_shape"] == [4, 128, 128]
     assert prof.static["text_encoder"] > 1.4 * 2**30  # CLIP ViT-L + OpenCLIP bigG, bf16
     try:

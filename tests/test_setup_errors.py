@@ -188,7 +188,7 @@ def test_overwrite_still_starts_a_run_afresh(tmp_path):
     cfg = load_config("tiny_cpu", SMALL + [f"logging.output_dir={tmp_path}", "logging.run_name=run",
                                            "logging.overwrite=true"])
     _fake_run(tmp_path / "run", cfg)
-    plan = ckpt.plan_run(cfg)
+    plan = ckpt.decide_start(cfg)
     ckpt.start_run(plan, cfg)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "lora").exists()
 

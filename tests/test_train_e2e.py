@@ -170,10 +170,10 @@ def test_kill_9_then_resume_ends_bitwise_where_the_uninterrupted_run_ends(cli_ru
 
 
 def test_resume_with_missing_path_is_clear(tmp_path):
-    from lowmem_nablagfn.checkpoint import RunError, plan_run
+    from lowmem_nablagfn.checkpoint import RunError, decide_start
 
     with pytest.raises(RunError, match="neither a checkpoint directory"):
-        plan_run(small_config(tmp_path), str(tmp_path / "nope"))
+        decide_start(small_config(tmp_path), str(tmp_path / "nope"))
 
 
 def test_no_flow_mode_creates_no_flow_model(tmp_path):

@@ -1,5 +1,5 @@
 """Whether a run may start, resume, or must stop — decided before any model is built
-(:func:`plan_run`, which writes nothing) — and the tidying of the run directory once it starts
+(:func:`decide_start`, which writes nothing) — and the tidying of the run directory once it starts
 (:func:`start_run`)."""
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from .files import (atomic_write_text, checkpoints, epoch_of, newest_first, read
 from .state import ABANDONED_DIR, DAMAGED_DIR, MANIFEST, STATE_FILE, RunError
 
 #: Config keys whose change on resume does not alter what is trained (logged, allowed). Prefixes end
-#: in ".". ``memory.*`` only moves memory around (checkpointing, chunking, offloading, kernels).
-HARMLESS = ("training.num_epochs", "training.max_nonfinite_updates", "logging.", "memory.")
+#: in ".". ``memory.*`` only moves memory around (checkpointing, chunking, offloading, kernels);
+#: ``monitor.*`` only watches (its sampling draws from its own generators).
+HARMLESS = ("training.num_epochs", "training.max_nonfinite_updates", "logging.", "memory.", "monitor.")
 #: Exceptions to :data:`HARMLESS`: the storage precision of the kept transitions changes the numbers
 #: the model trains on (bf16 storage: ~11 % error in the last transition's s_F).
 NOT_HARMLESS = ("memory.transition_dtype",)
+#: Mappings compared whole: a reward added to or dropped from a mixture is a change (keys one side lacks
+#: are not compared otherwise); under ``reward.``, so a resume refuses it.
+WHOLE = ("reward.mix", "reward.checkpoints", "reward.backbones")
 #: What a fresh start with ``logging.overwrite=true`` deletes from the run directory.
 RUN_OUTPUTS = ("checkpoints", "lora", "samples", "tensorboard", "report", "report.html", "metrics.jsonl",
                "config.json", "eval")
@@ -54,8 +58,8 @@ def check_overwrite(run_dir: Path) -> None:
 
 
 @dataclass
-class RunPlan:
-    """What :func:`plan_run` decided.
+class RunStart:
+    """What :func:`decide_start` decided.
 
     Attributes:
         run_dir: where this run writes.
@@ -81,7 +85,7 @@ class RunPlan:
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" not in WHOLE:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -109,7 +113,7 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def plan_run(cfg, resume: Optional[str] = None, world_size: Optional[int] = None) -> RunPlan:
+def decide_start(cfg, resume: Optional[str] = None, world_size: Optional[int] = None) -> RunStart:
     """Decide a start or resume of ``cfg``'s run without building or writing anything.
 
     Args:
@@ -134,7 +138,7 @@ def plan_run(cfg, resume: Optional[str] = None, world_size: Optional[int] = None
                            f"--overwrite (logging.overwrite=true), which deletes its checkpoints and outputs")
         if overwrite:
             check_overwrite(run_dir)
-        return RunPlan(run_dir, overwrite=overwrite)
+        return RunStart(run_dir, overwrite=overwrite)
     if overwrite:
         raise RunError("--resume and --overwrite (logging.overwrite=true) contradict each other; give one")
     path = run_dir if resume == "auto" else Path(resume).expanduser()
@@ -177,18 +181,18 @@ def plan_run(cfg, resume: Optional[str] = None, world_size: Optional[int] = None
                          "or start a new run (logging.run_name=NAME)")
     notes += [f"changed since the checkpoint: {line}" for line in allowed]
     if not same_run:
-        return RunPlan(run_dir, chosen, int(manifest["epoch"]), notes)
+        return RunStart(run_dir, chosen, int(manifest["epoch"]), notes)
     skipped = {p.resolve() for p in damaged}
     newer = [p for p in own if epoch_of(p) > epoch_of(chosen) and p.resolve() not in skipped]
-    return RunPlan(run_dir, chosen, int(manifest["epoch"]), notes, damaged, abandoned=newer)
+    return RunStart(run_dir, chosen, int(manifest["epoch"]), notes, damaged, abandoned=newer)
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def start_run(plan: RunPlan, cfg) -> None:
-    """Rank 0, after :func:`plan_run`: overwrite if asked, remove stale temporaries, set damaged
+def start_run(decision: RunStart, cfg) -> None:
+    """Rank 0, after :func:`decide_start`: overwrite if asked, remove stale temporaries, set damaged
     checkpoints aside (``checkpoints/damaged/``) and those newer than the one resumed from
     (``checkpoints/abandoned/``), cut ``metrics.jsonl`` back to the resumed epoch,
     write ``config.json``, print the plan's notes."""
@@ -196,32 +200,32 @@ def start_run(plan: RunPlan, cfg) -> None:
 
     if not _is_main_process():
         return
-    run_dir = plan.run_dir
-    if plan.overwrite:
+    run_dir = decision.run_dir
+    if decision.overwrite:
         for name in RUN_OUTPUTS:
             p = run_dir / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        plan.notes.append(f"logging.overwrite: deleted the earlier outputs of {run_dir}")
+        decision.notes.append(f"logging.overwrite: deleted the earlier outputs of {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
-    for bad in plan.damaged:
+    for bad in decision.damaged:
         aside = set_aside(bad, run_dir / "checkpoints" / DAMAGED_DIR)
-        plan.notes.append(f"moved damaged {bad.name} to {aside}")
-    if plan.abandoned:
+        decision.notes.append(f"moved damaged {bad.name} to {aside}")
+    if decision.abandoned:
         aside = run_dir / "checkpoints" / ABANDONED_DIR
-        for newer in plan.abandoned:
+        for newer in decision.abandoned:
             set_aside(newer, aside)
         if (run_dir / "metrics.jsonl").is_file():  # about to be cut back: that branch's curve goes with it
             set_aside(run_dir / "metrics.jsonl", aside, copy=True)
-        names = ", ".join(p.name for p in plan.abandoned)
-        plan.notes.append(f"resuming from {plan.checkpoint.name}, older than {names}: moved those and a copy of "
+        names = ", ".join(p.name for p in decision.abandoned)
+        decision.notes.append(f"resuming from {decision.checkpoint.name}, older than {names}: moved those and a copy of "
                           f"metrics.jsonl to {aside} (kept; --resume one of them with a new "
                           f"logging.run_name=NAME to continue that branch)")
-    if plan.checkpoint is not None and plan.checkpoint.parent.resolve() == (run_dir / "checkpoints").resolve():
-        atomic_write_text(run_dir / "checkpoints" / "latest", plan.checkpoint.name + "\n")
-    truncate_metrics(run_dir / "metrics.jsonl", plan.epoch)
+    if decision.checkpoint is not None and decision.checkpoint.parent.resolve() == (run_dir / "checkpoints").resolve():
+        atomic_write_text(run_dir / "checkpoints" / "latest", decision.checkpoint.name + "\n")
+    truncate_metrics(run_dir / "metrics.jsonl", decision.epoch)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-    for note in plan.notes:
+    for note in decision.notes:
         print(f"lowmem-nablagfn: {note}", file=sys.stderr)
 
 

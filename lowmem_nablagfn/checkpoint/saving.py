@@ -18,34 +18,38 @@ from .files import (atomic_write_text, checkpoints, epoch_of, fsync_dir, fsync_t
 from .state import (FLOW_DIR, FLOW_FILE, LORA_FILE, RANK_FILE, STATE_FILE, RunError, TrainingState,
                     check_finite, set_rng_state)
 
-def lora_state_dict(unet: nn.Module) -> dict:
-    """The adapter's weights in diffusers' naming (what ``load_lora_weights`` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def lora_state_dict(denoiser: nn.Module) -> dict:
+    """The adapter's weights as its family's diffusers LoRA file names them (without the ``unet.`` /
+    ``transformer.`` prefix; :meth:`~lowmem_nablagfn.models.family.UNetFamily.lora_state`)."""
+    from ..models import family_of
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return family_of(denoiser).lora_state(denoiser)
 
 
-def save_lora(unet: nn.Module, directory: str | Path) -> None:
-    """The LoRA in diffusers format (``pytorch_lora_weights.safetensors``); refuses non-finite weights."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(denoiser: nn.Module, directory: str | Path) -> None:
+    """The LoRA in its family's diffusers format (``pytorch_lora_weights.safetensors``: what
+    ``load_lora_weights`` of the model's pipeline reads); refuses non-finite weights."""
+    from ..models import family_of
 
-    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(denoiser).items()}
     check_finite(state, "the LoRA")
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=state, safe_serialization=True)
+    family_of(denoiser).write_lora(state, directory)
     usual_modes(Path(directory))
 
 
-def load_lora_into(unet: nn.Module, directory: Path) -> None:
-    """Load a diffusers-format LoRA file into the UNet's existing adapter (for resume)."""
+def load_lora_into(denoiser: nn.Module, directory: Path) -> None:
+    """Load a diffusers-format LoRA file into the denoiser's existing adapter (for resume)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from ..models import family_of
+
+    prefix = family_of(denoiser).lora_prefix + "."
     state = load_file(str(directory / LORA_FILE))
-    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    try:
-        incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:  # (peft names, SD 3's, pass through the conversion unchanged)
+        incompatible = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state))
     except RuntimeError as exc:  # a shape mismatch lists every tensor: keep the first line
         raise RunError(f"checkpoint {directory}: its LoRA does not fit this model "
                        f"({str(exc).splitlines()[-1].strip()}); resume with the run's model.lora settings") from None
@@ -58,7 +62,7 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state: TrainingState, sync,
+def save(run_dir: Path, denoiser: nn.Module, flow_model: Optional[nn.Module], state: TrainingState, sync,
          keep: int = 2) -> Path:
     """Write ``RUN/checkpoints/epoch-XXXXXX`` atomically and point ``latest`` at it.
 
@@ -71,7 +75,7 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
     be on a file system every node sees.  Non-finite weights are refused (on every rank, before
     anything is written).
     """
-    check_finite({f"lora.{k}": v for k, v in lora_state_dict(unet).items()}, "the LoRA")
+    check_finite({f"lora.{k}": v for k, v in lora_state_dict(denoiser).items()}, "the LoRA")
     if flow_model is not None:
         check_finite({f"flow_model.{k}": v for k, v in flow_model.state_dict().items()}, "the flow model")
     root = run_dir / "checkpoints"
@@ -90,7 +94,7 @@ def save(run_dir: Path, unet: nn.Module, flow_model: Optional[nn.Module], state:
         sync.save_shards(tmp / SHARD_DIR)
         dist.barrier()
         if dist.is_main():
-            save_lora(unet, tmp)
+            save_lora(denoiser, tmp)
             if flow_model is not None:
                 flow_model.save_pretrained(str(tmp / FLOW_DIR), safe_serialization=True)
             main = state.as_dict()
@@ -125,10 +129,10 @@ def prune(root: Path, keep: int, written: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(checkpoint: Path, unet: nn.Module, flow_model: Optional[nn.Module], sync) -> TrainingState:
+def load(checkpoint: Path, denoiser: nn.Module, flow_model: Optional[nn.Module], sync) -> TrainingState:
     """Every rank: LoRA, flow model, optimiser (through ``sync``: ZeRO reads this rank's partitions),
     this rank's sample buffer and RNG state (which is set).  ``checkpoint`` was verified by
-    :func:`plan_run`."""
+    :func:`decide_start`."""
     from safetensors.torch import load_file
 
     raw = _load(checkpoint / STATE_FILE)
@@ -136,7 +140,7 @@ def load(checkpoint: Path, unet: nn.Module, flow_model: Optional[nn.Module], syn
     if state.world_size > 1:
         own = _load(checkpoint / SHARD_DIR / RANK_FILE.format(dist.rank()))
         state.buffer, state.rng = own["buffer"], own["rng"]
-    load_lora_into(unet, checkpoint)
+    load_lora_into(denoiser, checkpoint)
     if flow_model is not None:
         weights = load_file(str(checkpoint / FLOW_DIR / FLOW_FILE))
         try:

@@ -20,13 +20,14 @@ of the repository's top-level ``configs/``, installed with the package.
 """
 from .cli import add_config_arguments
 from .loading import PRESET_DIR, field_docs, list_presets, load_config, to_dict
-from .schema import (BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, Config, ConfigError, DistributedConfig, LoggingConfig,
-                     LoraConfig, MemoryConfig, ModelConfig, PretrainedConfig, PromptConfig, RewardConfig,
-                     SamplingConfig, TrainingConfig)
-from .validation import block_widths_problem, norm_groups, validate
+from .schema import (BUILTIN_MODELS, SD3_BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, Config, ConfigError, DistributedConfig,
+                     LoggingConfig, LoraConfig, MemoryConfig, ModelConfig, MonitorConfig, PretrainedConfig, PromptConfig,
+                     RewardConfig, SamplingConfig, TrainingConfig)
+from .validation import block_widths_problem, is_sd3_model, norm_groups, validate
 
 __all__ = ["BUILTIN_MODELS", "Config", "ConfigError", "DistributedConfig", "LoggingConfig", "LoraConfig",
-           "MemoryConfig", "ModelConfig", "PRESET_DIR", "PretrainedConfig", "PromptConfig", "RewardConfig",
-           "SINGLE_FILE_SUFFIXES", "SamplingConfig", "TrainingConfig", "add_config_arguments",
-           "block_widths_problem", "field_docs", "list_presets", "load_config", "norm_groups", "to_dict",
+           "MemoryConfig", "ModelConfig", "MonitorConfig", "PRESET_DIR", "PretrainedConfig", "PromptConfig",
+           "RewardConfig",
+           "SD3_BUILTIN_MODELS", "SINGLE_FILE_SUFFIXES", "SamplingConfig", "TrainingConfig", "add_config_arguments",
+           "block_widths_problem", "field_docs", "is_sd3_model", "list_presets", "load_config", "norm_groups", "to_dict",
            "validate"]

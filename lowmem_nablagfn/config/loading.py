@@ -83,6 +83,20 @@ def _override_layer(arg: str):
     return layer
 
 
+def _merge_override(merged, arg: str):
+    """``merged`` with one dotted override.  A mapping option given whole (``reward.mix={a: 1, b: 2}``)
+    replaces the preset's mapping, where a merge would keep the entries the override leaves out; one
+    entry (``reward.mix.a=2``) is merged as any other option."""
+    import typing
+
+    layer = _override_layer(arg)
+    key = _normalise_override(arg).split("=", 1)[0]
+    if typing.get_origin(_field_type(key)) is dict:
+        OmegaConf.update(merged, key, OmegaConf.select(layer, key), merge=False)
+        return merged
+    return OmegaConf.merge(merged, layer)
+
+
 def _check_yaml_text(layer, source: str, prefix: str = "") -> None:
     """A preset's unquoted ``no``/``off``/``yes``/``on`` in a string field arrives as a YAML boolean:
     say so rather than let it become the string 'False'."""
@@ -112,11 +126,14 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
         merged = OmegaConf.merge(*layers)
         for o in overrides:  # one at a time: a bad value is reported as the user typed it
             try:
-                merged = OmegaConf.merge(merged, _override_layer(o))
+                merged = _merge_override(merged, o)
             except ConfigError:
                 raise
-            except Exception:
+            except Exception as exc:
                 key, value = _normalise_override(o).split("=", 1)
+                if "duplicate key" in str(exc):  # YAML's message for {a: 1, a: 2}
+                    raise ConfigError(f"bad configuration value {key}={value}: a key appears twice; give each "
+                                      f"key once") from None
                 tp = _field_type(key)
                 if tp is None:
                     raise

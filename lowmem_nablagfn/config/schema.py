@@ -4,9 +4,11 @@ field is its ``help-config`` text).  Loading, overrides and presets: :mod:`.load
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-BUILTIN_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
+#: Built-in random-weight SD 3.x models (as models.SD3_BUILTIN_CONFIGS; no torch import here).
+SD3_BUILTIN_MODELS = ("tiny-sd3", "sd35m-random")
+BUILTIN_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random") + SD3_BUILTIN_MODELS
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # as models.SINGLE_FILE_SUFFIXES (no torch import here)
 
 
@@ -20,9 +22,10 @@ class PretrainedConfig:
     """``tiny`` (random tiny SD, CPU), ``sd15-random`` (SD 1.5 shapes, random weights, for
     profiling), ``tiny-sdxl`` / ``sdxl-random`` (the same for SDXL: two text encoders, added
     conditioning; set ``sampling.resolution=1024`` for SDXL's native size, as the ``sdxl_*`` presets
-    do), a local diffusers directory (SD 1.x or SDXL), a single ``.safetensors`` / ``.ckpt`` file in
-    the original A1111 / ComfyUI layout (SD 1.x or SDXL base; configs ship in the package, no
-    download), or a hub id (honours ``HF_HUB_OFFLINE``)."""
+    do), ``tiny-sd3`` / ``sd35m-random`` (SD 3.5: tiny, and SD 3.5 Medium's shapes; with
+    ``sampling.scheduler=flow-sde``), a local diffusers directory (SD 1.x, SDXL or SD 3.x), a single
+    ``.safetensors`` / ``.ckpt`` file in the original A1111 / ComfyUI layout (SD 1.x or SDXL base;
+    configs ship in the package, no download), or a hub id (honours ``HF_HUB_OFFLINE``)."""
     revision: Optional[str] = None
     """Hub revision of ``model`` (ignored for local directories)."""
     vae: Optional[str] = None
@@ -30,7 +33,16 @@ class PretrainedConfig:
     fp16-fix VAE (``madebyollin/sdxl-vae-fp16-fix``), which runs in fp16 where SDXL's own VAE is
     upcast to fp32 (it overflows in fp16)."""
     seed: int = 0
-    """Seed of the random weights of the built-in models (``tiny``, ``sd15-random``, ``tiny-sdxl``, ``sdxl-random``)."""
+    """Seed of the random weights of the built-in models (``tiny``, ``sd15-random``, ``tiny-sdxl``, ``sdxl-random``,
+    ``tiny-sd3``, ``sd35m-random``)."""
+    t5: bool = True
+    """SD 3.x: encode prompts with T5-XXL too.  ``false``: its part of the conditioning is zeros, as
+    ``StableDiffusion3Pipeline`` without ``text_encoder_3`` (4.7 B parameters never loaded; weaker on long
+    and typographic prompts).  The prompts' embeddings are computed once and cached on disk
+    (``$XDG_CACHE_HOME/lowmem-nablagfn``), so no text encoder is resident while training either way."""
+    max_sequence_length: int = 256
+    """SD 3.x: T5 tokens per prompt (1 to 512; the pipeline's default 256): the transformer attends to
+    77 + this many text tokens."""
 
 
 @dataclass
@@ -38,7 +50,10 @@ class LoraConfig:
     rank: int = 8
     """LoRA rank (``lora_alpha`` = rank, as in the official code)."""
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Attention projections of the UNet that receive an adapter."""
+    """Layers that receive an adapter (Linear / Conv2d, by full or trailing dotted name).  The default,
+    the UNet's attention projections, stands for the model family's own: on an SD 3.x transformer the
+    joint attention of both streams (``attn.to_q/k/v``, ``attn.to_out.0``, ``attn.add_q/k/v_proj``,
+    ``attn.to_add_out``: models/sd3_lora.py)."""
     init: str = "gaussian"
     """peft ``init_lora_weights``: ``gaussian`` (official) or ``default``."""
 
@@ -73,11 +88,13 @@ class ModelConfig:
 @dataclass
 class SamplingConfig:
     scheduler: str = "ddim"
-    """``ddim`` (DDPM: DDIM with eta = 1) or ``dpm-solver`` (first-order SDE-DPM-Solver++)."""
+    """``ddim`` (DDPM: DDIM with eta = 1) or ``dpm-solver`` (first-order SDE-DPM-Solver++) for SD 1.x /
+    SDXL; ``flow-sde`` (Flow-GRPO's SDE sampler) for SD 3.x, which needs it."""
     num_steps: int = 50
     """Sampling steps T (the paper: 50 for DDPM, 20 for SDE-DPM-Solver++)."""
     eta: float = 1.0
-    """DDIM stochasticity; must be > 0 (scores of a deterministic step are undefined)."""
+    """DDIM stochasticity; ``flow-sde``: its noise level a (Flow-GRPO: 0.7).  Must be > 0 (scores of a
+    deterministic step are undefined)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale w: ε = ε_u + w (ε_c - ε_u)."""
     batch_size: int = 16
@@ -133,7 +150,8 @@ class RewardConfig:
     name: str = "builtin:redness"
     """``builtin:redness`` | ``builtin:brightness`` | ``builtin:saturation`` (offline, tiny runs),
     ``aesthetic``, ``hpsv2``, ``imagereward``, ``pickscore``, ``clipscore`` (rewards extra, local checkpoints),
-    or your own: ``path/to/my_reward.py:build`` / ``package.module:build`` (docs/rewards-custom.md)."""
+    or your own: ``path/to/my_reward.py:build`` / ``package.module:build`` (docs/rewards-custom.md);
+    ``mix``: a weighted sum of rewards, ``reward.mix``."""
     checkpoint: Optional[str] = None
     """Local path (or hub file when online) of the reward model's weights; None = the default:
     aesthetic — the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` shipped inside the package;
@@ -152,6 +170,17 @@ class RewardConfig:
     max_length: Optional[int] = None
     """ImageReward prompt tokens (padded, truncated); None = 35, as ``ImageReward.score`` (the
     official ∇-GFlowNet code pads to 512: the same score up to 35 tokens). Only ImageReward has it."""
+    mix: Dict[str, float] = field(default_factory=dict)
+    """With ``name: mix``: the trained reward is the weighted sum Σ w·R of these rewards, by name as
+    ``name`` takes them, e.g. ``{aesthetic: 1.0, pickscore: 0.5}`` (weights > 0; at least two). Each
+    component is logged as ``reward/<component>/mean``; weighting: docs/rewards.md#mixtures."""
+    checkpoints: Dict[str, str] = field(default_factory=dict)
+    """``checkpoint`` of a mixture's component, by name (e.g. ``{aesthetic: /ckpt/head.pth}``); unset:
+    ``checkpoint`` (with a mixture only ``random`` / ``random:reduced``, for every packaged component),
+    else that reward's default."""
+    backbones: Dict[str, str] = field(default_factory=dict)
+    """``backbone`` of a mixture's component, by name (e.g. ``{pickscore: /ckpt/PickScore_v1}``); unset:
+    that reward's default (``backbone`` itself must stay unset with a mixture: each reward has its own)."""
 
 
 @dataclass
@@ -233,6 +262,34 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Rewards that are watched, not trained on (docs/evaluation.md, "Watching for reward hacking")."""
+
+    rewards: List[str] = field(default_factory=list)
+    """Reward names to watch, as ``reward.name`` takes them (e.g. ``[pickscore, imagereward]`` while training
+    on ``aesthetic``); empty = the monitor is off. Each is kept in host memory and moved to the device
+    only while it scores."""
+    every: int = 5
+    """Evaluate after every this many epochs (epoch E when (E + 1) % every == 0; the lagged loop's epoch
+    -1, the base model, is one of them)."""
+    num_prompts: int = 4
+    """Held-out prompts (the first of the ``eval`` split of ``prompts.set``), the same every evaluation."""
+    images_per_prompt: int = 2
+    """Images per prompt, at fixed seeds (>= 2: diversity compares the images of a prompt)."""
+    patience: int = 3
+    """K: warn when a watched reward or the diversity fell at each of the last K evaluations while the
+    training reward (on the same held-out images) rose over them."""
+    stop: bool = False
+    """Also stop the run at such a warning: checkpoint and LoRA saved, exit code 1."""
+    checkpoints: Dict[str, str] = field(default_factory=dict)
+    """``reward.checkpoint`` of a watched reward, by name (e.g. ``{imagereward: /ckpt/ImageReward.pt}``);
+    unset: that reward's default."""
+    backbones: Dict[str, str] = field(default_factory=dict)
+    """``reward.backbone`` of a watched reward, by name (e.g. ``{pickscore: /ckpt/PickScore_v1}``);
+    unset: that reward's default (the hub cache)."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed of the run (per-rank and per-epoch seeds derive from it)."""
@@ -247,3 +304,4 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)

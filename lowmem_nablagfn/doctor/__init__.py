@@ -70,7 +70,7 @@ def format_table(rows: Sequence[Check]) -> str:
 
 def add_parser(subparsers) -> None:
     """``lowmem-nablagfn doctor``: its flags (see :mod:`lowmem_nablagfn.cli` for the contract).  No
-    ``reads_config``: the CLI's preflight would stop at a missing model file, which is a row here."""
+    ``reads_config``: the CLI's set-up checks would stop at a missing model file, which is a row here."""
     p = subparsers.add_parser("doctor", help="check this machine (torch, CUDA, GPUs, NCCL, kernels, packages, "
                                              "disk) before a long run; with --preset, its files and fit")
     p.add_argument("--preset", "-p", default=None, help="also check this preset's files and the planner's verdict")

@@ -9,7 +9,7 @@ import torch
 from .rows import FAIL, NO_CUDA, OK, SKIP, WARN, Check, GiB
 
 def _with_offline(fn, cfg) -> List[str]:
-    """``fn(cfg)`` as if ``HF_HUB_OFFLINE`` were set: the preflight's "is it in the local cache" check."""
+    """``fn(cfg)`` as if ``HF_HUB_OFFLINE`` were set: the set-up checks' "is it in the local cache" check."""
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -22,13 +22,13 @@ def _with_offline(fn, cfg) -> List[str]:
 
 
 def check_files(cfg) -> List[Check]:
-    """The preset's model and reward files on disk or in the local hub cache (the preflight's checks)."""
-    from .. import preflight
+    """The preset's model and reward files on disk or in the local hub cache (the set-up checks of lowmem_nablagfn.checks)."""
+    from .. import checks
     from ..rewards.loading import hub_offline
 
     rows = []
-    for name, fn, what in (("model files", preflight.check_model, cfg.pretrained.model),
-                           ("reward files", preflight.check_reward_files, cfg.reward.name)):
+    for name, fn, what in (("model files", checks.check_model, cfg.pretrained.model),
+                           ("reward files", checks.check_reward_files, cfg.reward.name)):
         problems = _with_offline(fn, cfg)
         if not problems:
             rows.append(Check(name, OK, f"{what}: on disk or cached"))
@@ -65,7 +65,7 @@ def check_plan(cfg) -> List[Check]:
     from ..memtrack import GiB as _GiB
 
     try:
-        profile = planner.Profile(cfg, allow_trace=False)
+        profile = planner.Probes(cfg, allow_trace=False)
         pred = planner.predict(cfg, profile, tuple(torch.cuda.get_device_capability())
                                if torch.cuda.is_available() and cfg.device != "cpu" else None)
     except planner.MissingProbe as exc:

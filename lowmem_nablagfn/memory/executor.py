@@ -44,17 +44,16 @@ class _Group:
         return Detached(self.s_next_ref, self.s_cur_ref, self.r_next, self.r_cur)
 
 
-def _chunked(fn: Callable[[Rows], object], rows: Rows, size: int):
-    outs = [fn(c) for c in rows.chunk(size)]
+def _chunked(fn: Callable[[Rows], object], rows: Rows, ph: Phase):
+    outs = [fn(c) for c in rows.chunk(ph.call_rows(len(rows)))]
     if isinstance(outs[0], tuple):
         return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
     return torch.cat(outs)
 
 
 def _reference(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
-    # the official code builds the reference graph for the reverse score in no-flow mode too
-    need_reverse = ctx.residual or ph.keep_graph
-    g.s_next_ref, g.s_cur_ref = _chunked(lambda c: reference_scores(ctx, c, need_reverse), g.rows, ph.chunk)
+    need_reverse = ctx.plan.reference_needs_reverse(ph)
+    g.s_next_ref, g.s_cur_ref = _chunked(lambda c: reference_scores(ctx, c, need_reverse), g.rows, ph)
 
 
 def _policy(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
@@ -65,7 +64,7 @@ def _policy(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
 def _reward_grad_next(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
     rows = g.rows
     if not ph.keep_graph:
-        g.r_next = _chunked(lambda c: reward_grad_at(ctx, c, nxt=True), rows, ph.chunk)
+        g.r_next = _chunked(lambda c: reward_grad_at(ctx, c, nxt=True), rows, ph)
         return
     # the official pass: the LoRA UNet on every row (last transitions too), x̂0 = x_{t-1} at t = 0
     xn = rows.x_next.detach().requires_grad_(True)
@@ -87,7 +86,7 @@ def _reward_grad_cur(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
     sel = rows.live() if ph.live_only else torch.arange(len(rows), device=rows.x.device)
     g.r_cur = torch.zeros_like(rows.x)  # y_B = 0 on last transitions: their reward score at x_t is not needed
     if sel.numel():
-        g.r_cur[sel] = _chunked(lambda c: reward_grad_at(ctx, c, nxt=False), rows.take(sel), ph.chunk)
+        g.r_cur[sel] = _chunked(lambda c: reward_grad_at(ctx, c, nxt=False), rows.take(sel), ph)
 
 
 def _train(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
@@ -104,7 +103,7 @@ def _train(ctx: UpdateContext, g: _Group, ph: Phase) -> None:
         g.terms.append(ctx.scaler.accumulate(run))
         return
     n = len(g.rows)
-    size = ph.chunk or n
+    size = ph.call_rows(n)
     for lo in range(0, n, size):
         idx = slice(lo, lo + size)
         g.terms.append(ctx.scaler.accumulate(lambda _: train_pass(ctx, g.rows.take(idx), det.take(idx),

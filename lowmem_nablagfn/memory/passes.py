@@ -77,6 +77,10 @@ class UpdateContext:
     def __post_init__(self):
         if self.plan is None:
             self.plan = build_plan(None, self.residual)
+        elif self.plan.residual != self.residual:
+            raise ValueError(f"the memory plan is for the {'residual' if self.plan.residual else 'no-flow'} objective "
+                             f"but the update has {'a' if self.residual else 'no'} flow model; build the plan with "
+                             f"residual={self.residual}")
 
     @property
     def residual(self) -> bool:

@@ -56,8 +56,8 @@ class Rows:
         return float(len(self)), (float(self.end.sum()) + 1e-6) * transitions_per_trajectory
 
     def chunk(self, size: int) -> List["Rows"]:
+        """Consecutive pieces of ``size`` rows (the last may be shorter): ``Phase.call_rows`` decides it."""
         n = len(self)
-        size = n if size <= 0 else size
         return [self.take(slice(i, min(i + size, n))) for i in range(0, n, size)]
 
     def take(self, idx) -> "Rows":

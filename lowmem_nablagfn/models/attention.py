@@ -26,13 +26,14 @@ def check_attention_backend(backend: str, device) -> None:
 
 
 class MathSDPAProcessor:
-    """diffusers' SDPA processor with ``F.scaled_dot_product_attention`` forced to its math kernel
-    (the attention matrix is materialised and, with a graph, kept for the backward)."""
+    """A diffusers SDPA processor (default ``AttnProcessor2_0``; SD 3's ``JointAttnProcessor2_0``) with
+    ``F.scaled_dot_product_attention`` forced to its math kernel (the attention matrix is materialised
+    and, with a graph, kept for the backward)."""
 
-    def __init__(self):
+    def __init__(self, inner=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.inner = AttnProcessor2_0()
+        self.inner = inner if inner is not None else AttnProcessor2_0()
 
     def __call__(self, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -42,12 +43,19 @@ class MathSDPAProcessor:
 
 
 def set_attention_backend(modules, backend: str) -> None:
-    """Give every attention layer of these diffusers models (UNet, VAE, flow model; ``None`` skipped)
-    the processor of ``memory.attention``: ``sdpa`` (diffusers' ``AttnProcessor2_0``), ``xformers``
-    (``XFormersAttnProcessor``) or ``math`` (:class:`MathSDPAProcessor`)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+    """Give every attention layer of these diffusers models (UNet or SD 3 transformer, VAE, flow model;
+    ``None`` skipped) the processor of ``memory.attention``: ``sdpa`` (diffusers' ``AttnProcessor2_0``;
+    SD 3's joint attention ``JointAttnProcessor2_0``), ``xformers`` (``XFormersAttnProcessor`` /
+    ``XFormersJointAttnProcessor``) or ``math`` (:class:`MathSDPAProcessor` around the SDPA one)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import (AttnProcessor2_0, JointAttnProcessor2_0, XFormersAttnProcessor,
+                                                      XFormersJointAttnProcessor)
 
-    make = {"sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor, "math": MathSDPAProcessor}[backend]
     for module in modules:
-        if module is not None and hasattr(module, "set_attn_processor"):
-            module.set_attn_processor(make())
+        if module is None or not hasattr(module, "set_attn_processor"):
+            continue
+        joint = isinstance(module, SD3Transformer2DModel)  # text and image tokens attend together
+        sdpa, xformers = (JointAttnProcessor2_0, XFormersJointAttnProcessor) if joint else \
+            (AttnProcessor2_0, XFormersAttnProcessor)
+        make = {"sdpa": sdpa, "xformers": xformers, "math": lambda: MathSDPAProcessor(sdpa())}[backend]
+        module.set_attn_processor(make())

@@ -1,25 +1,32 @@
 """Loading SD parts by ``pretrained.model``: a built-in name, a local diffusers directory, a
-single-file checkpoint or a hub id (``HF_HUB_OFFLINE=1``: cache only); the UNet config of a model
-without loading its weights."""
+single-file checkpoint or a hub id (``HF_HUB_OFFLINE=1``: cache only) — SD 1.x / SDXL as
+:class:`SDParts`, SD 3.x as :class:`~.sd3.SD3Parts`; the UNet config of a model without loading its
+weights."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from .builtin import BUILTIN_CONFIGS, build_random_sd
 from .parts import SDParts
+from ..config.validation import is_sd3_index
+from .sd3 import MODEL_PARTS, SD3_BUILTIN_CONFIGS, TEXT_PARTS, SD3Parts, TextOptions, build_random_sd3, load_sd3
 from .single_file import SINGLE_FILE_SUFFIXES, identify, load_single_file
 from ..tokenizer import CLIP_VOCAB_SIZE
 
 
-def load_sd(name: str, revision: Optional[str] = None, seed: int = 0, vae: Optional[str] = None) -> SDParts:
+def load_sd(name: str, revision: Optional[str] = None, seed: int = 0, vae: Optional[str] = None,
+            text_options: Optional[TextOptions] = None,
+            components: Sequence[str] = MODEL_PARTS + TEXT_PARTS) -> Union[SDParts, SD3Parts]:
     """Load SD parts from a built-in name / a local diffusers directory / a single file / a hub id,
     with the VAE replaced by the diffusers ``AutoencoderKL`` at ``vae`` when given (``pretrained.vae``).
 
-    Hub ids go through huggingface_hub, which honours ``HF_HUB_OFFLINE=1`` (cache only).
+    Hub ids go through huggingface_hub, which honours ``HF_HUB_OFFLINE=1`` (cache only).  SD 3.x
+    only: ``text_options`` (T5 or not, its length) and ``components``, the parts to load (e.g. the
+    text encoders alone to fill the prompt-embedding cache, or everything but them).
     """
-    parts = _load_sd(name, revision, seed)
+    parts = _load_sd(name, revision, seed, text_options or TextOptions(), components)
     if vae:
         from diffusers import AutoencoderKL
 
@@ -30,9 +37,35 @@ def load_sd(name: str, revision: Optional[str] = None, seed: int = 0, vae: Optio
     return parts
 
 
-def _load_sd(name: str, revision: Optional[str], seed: int) -> SDParts:
+def is_sd3(name: str, revision: Optional[str] = None) -> bool:
+    """Whether ``pretrained.model`` is SD 3.x: :func:`~lowmem_nablagfn.config.is_sd3_model` (built-in names,
+    local and cached ``model_index.json``), else the hub's ``model_index.json``; a model that cannot be
+    found is not SD 3 here (:func:`load_sd` then says why it cannot load)."""
+    from ..config import is_sd3_model
+
+    known = is_sd3_model(name, revision)
+    if known is not None:
+        return known
+    from diffusers import DiffusionPipeline
+
+    try:
+        return is_sd3_index(DiffusionPipeline.load_config(name, revision=revision))
+    except (OSError, ValueError):
+        return False
+
+
+def _offline_hint() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return (" HF_HUB_OFFLINE is set: download it once online, or point pretrained.model at a local "
+            "directory." if offline else "")
+
+
+def _load_sd(name: str, revision: Optional[str], seed: int, text_options: TextOptions,
+             components: Sequence[str]) -> Union[SDParts, SD3Parts]:
     if name in BUILTIN_CONFIGS:
         return build_random_sd(name, seed)
+    if name in SD3_BUILTIN_CONFIGS:
+        return build_random_sd3(name, seed, components, text_options)
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -42,9 +75,14 @@ def _load_sd(name: str, revision: Optional[str], seed: int) -> SDParts:
     if name.startswith(("/", ".", "~")) and not local.is_dir():
         raise FileNotFoundError(f"model directory {name} not found; give a diffusers model directory, "
                                 f"a single .safetensors/.ckpt file, a hub id, or one of "
-                                f"{', '.join(BUILTIN_CONFIGS)}")
+                                f"{', '.join(list(BUILTIN_CONFIGS) + list(SD3_BUILTIN_CONFIGS))}")
     src = str(local) if local.is_dir() else name
     kw = {} if local.is_dir() else {"revision": revision}
+    try:
+        if is_sd3_index(DiffusionPipeline.load_config(src, **kw)):  # model_index.json names the family
+            return load_sd3(src, kw.get("revision"), components, text_options)
+    except OSError as exc:
+        raise FileNotFoundError(f"could not load Stable Diffusion from {name!r}: {exc}.{_offline_hint()}") from exc
     text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
@@ -52,14 +90,11 @@ def _load_sd(name: str, revision: Optional[str], seed: int) -> SDParts:
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-        if DiffusionPipeline.load_config(src, **kw).get("text_encoder_2"):  # SDXL (model_index.json)
+        if DiffusionPipeline.load_config(src, **kw).get("text_encoder_2"):  # SDXL
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw)
             tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (" HF_HUB_OFFLINE is set: download it once online, or point pretrained.model at a local "
-                "directory." if offline else "")
-        raise FileNotFoundError(f"could not load Stable Diffusion from {name!r}: {exc}.{hint}") from exc
+        raise FileNotFoundError(f"could not load Stable Diffusion from {name!r}: {exc}.{_offline_hint()}") from exc
     for tok in (tokenizer, tokenizer_2):
         if tok is not None and len(tok) != CLIP_VOCAB_SIZE:  # transformers can silently return a broken tokenizer
             raise RuntimeError(f"tokenizer of {name!r} has {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")

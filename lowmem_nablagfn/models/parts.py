@@ -38,6 +38,11 @@ class SDParts:
     tokenizer_2: Optional[object] = None
 
     @property
+    def denoiser(self) -> nn.Module:
+        """The network the sampler calls and LoRA adapts: the UNet (SD 3: the transformer)."""
+        return self.unet
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

@@ -1,5 +1,5 @@
-"""The tiny model's "latent preview" decoder: its colours follow the latents, so a colour reward's
-effect is visible at a glance (the default job)."""
+"""The tiny models' "latent preview" decoder: its colours follow the latents, so a colour reward's
+effect is visible at a glance (the default job; ``tiny-sd3`` too)."""
 from __future__ import annotations
 
 import torch
@@ -22,18 +22,24 @@ def preview_decoder_(vae: nn.Module, gain: float = 1.0) -> nn.Module:
     barely moves and its samples stay coloured noise.  Here every residual branch and the mid-block
     attention output are zero (identity blocks), ``conv_in`` writes ``(+z_j, -z_j)`` into the two
     channels of one group of the final GroupNorm (mean 0 by construction, so only the RMS is
-    divided out) and ``conv_out`` reads ``SiLU(a) - SiLU(-a) = a``.  Needs latent channels ≤ 4 and
-    two channels per group in the last GroupNorm (the ``tiny`` VAE: 16 channels, 8 groups).
+    divided out) and ``conv_out`` reads ``SiLU(a) - SiLU(-a) = a``.  Only the first four latent
+    channels are coloured (``tiny-sd3``'s other 12 are not shown); needs two channels per group in
+    the last GroupNorm and a group per coloured channel (the ``tiny`` / ``tiny-sd3`` VAEs: 16
+    channels, 8 groups).  A VAE without ``post_quant_conv`` (SD 3's) has none to set.
     """
     dec, c = vae.decoder, vae.config.latent_channels
+    shown = min(c, len(LATENT_RGB))
     norm = dec.conv_norm_out
-    if c > len(LATENT_RGB) or norm.num_channels != 2 * norm.num_groups or norm.num_groups < c:
-        raise ValueError(f"preview_decoder_ needs <= {len(LATENT_RGB)} latent channels and 2 channels per "
-                         f"group in the decoder's last GroupNorm; got {c}, {norm.num_channels}/{norm.num_groups}")
-    for conv in (vae.post_quant_conv, dec.conv_in, dec.conv_out):
-        conv.weight.zero_()
-        conv.bias.zero_()
-    vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(c)
+    if norm.num_channels != 2 * norm.num_groups or norm.num_groups < shown:
+        raise ValueError(f"preview_decoder_ needs 2 channels per group in the decoder's last GroupNorm and a "
+                         f"group per coloured latent channel; got {norm.num_channels}/{norm.num_groups} for {shown}")
+    post = getattr(vae, "post_quant_conv", None)
+    for conv in (post, dec.conv_in, dec.conv_out):
+        if conv is not None:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    if post is not None:
+        post.weight[:, :, 0, 0] = torch.eye(c)
     blur = torch.tensor([1.0, 2.0, 1.0])
     blur = blur[:, None] * blur[None, :] / 16
     for m in dec.modules():
@@ -55,7 +61,7 @@ def preview_decoder_(vae: nn.Module, gain: float = 1.0) -> nn.Module:
             m.conv.bias.zero_()
             for i in range(m.conv.weight.shape[0]):
                 m.conv.weight[i, i] = blur
-    for j in range(c):
+    for j in range(shown):
         dec.conv_in.weight[2 * j, j, 1, 1] = 1.0
         dec.conv_in.weight[2 * j + 1, j, 1, 1] = -1.0
         dec.conv_out.weight[:, 2 * j, 1, 1] = gain * torch.tensor(LATENT_RGB[j])

@@ -22,8 +22,8 @@ How a prediction is made
    encoder; the executor running the naive plan (:func:`~lowmem_nablagfn.memory.accumulate_gradients`)
    is traced whole, phase by phase.  Results are cached per architecture (JSON under
    ``~/.cache/lowmem_nablagfn/planner``; SD 1.5 at 512 px and SDXL at 1024 px ship in ``planner_profiles/``).
-3. **Composition** — the phases of the plan the executor runs (``memory.build_plan(cfg.memory,
-   residual)``), each costed by its name, chunk, ``live_only`` and ``keep_graph``.  A reward-gradient pass
+3. **Composition** — the phases of the run's plan (``memory.build_plan(cfg)``: the executor's phases in
+   its order, and its row arithmetic), each costed by its name, chunk, ``live_only`` and ``keep_graph``.  A reward-gradient pass
    keeps the UNet graph while the VAE and the reward run, so its peak is the largest of
    ``Pf_U``, ``F_U + Pf_V``, ``F_U + F_V + max(Pf_R, Pb_R)``, ``F_U + Pb_V``, ``Pb_U`` (``F``: bytes a
    forward leaves alive, ``Pf``/``Pb``: forward/backward peaks).  Each phase adds what stays resident:
@@ -62,24 +62,24 @@ Where things are
 - :mod:`.search` — candidates, proposals, the checks ``train`` runs;
 - :mod:`.cli` — the ``plan`` subcommand and its reports.
 """
-from .cli import PHASE_ORDER, add_parser, describe, gpu_presets, phase_table, run, table
+from .cli import add_parser, describe, gpu_presets, prediction_table, run, table
 from .gpu import (ATTN_SCRATCH_BYTES, CARD_CAPABILITY, CARDS, CONTEXT_GIB, CONTEXT_GIB_BY_MAJOR, CUDNN_WORKSPACE_GIB,
                   DEFAULT_CAPABILITY, FRAGMENTATION, FRAGMENTATION_FIXED_SEGMENTS, MIN_SLACK_GIB, attention_kernels,
                   card_context_gib, cuda_vram_gib, default_capability, fragmentation_default, parse_vram, sdpa_kernel)
 from .meta import (PROBE_VERSION, Models, arch_key, build_meta, key_hash, model_configs, nbytes, sd_configs,
                    static_sizes)
 from .costs import CALL_OVERHEAD, COSTS, PhaseCost, update_costs
-from .prediction import Prediction, kept_per_trajectory, optimizer_state_bytes, predict
-from .profile import SHIPPED, MissingProbe, Profile, cache_dir
-from .search import (KNOBS, OFFICIAL_OVERRIDES, Proposal, candidates, check_fits, official_baseline, overrides,
-                     preflight, propose)
+from .prediction import Prediction, optimizer_state_bytes, predict
+from .probes import SHIPPED, MissingProbe, Probes, cache_dir
+from .search import (KNOBS, OFFICIAL_OVERRIDES, Proposal, candidates, check_fits, fit_check, official_baseline,
+                     overrides, propose)
 from .trace import FlopCount, Tracer
 
 __all__ = ["ATTN_SCRATCH_BYTES", "CALL_OVERHEAD", "COSTS", "CARD_CAPABILITY", "CARDS", "CONTEXT_GIB", "CONTEXT_GIB_BY_MAJOR",
            "CUDNN_WORKSPACE_GIB", "DEFAULT_CAPABILITY", "FRAGMENTATION", "FRAGMENTATION_FIXED_SEGMENTS",
-           "KNOBS", "MIN_SLACK_GIB", "OFFICIAL_OVERRIDES", "PHASE_ORDER", "PROBE_VERSION", "SHIPPED", "FlopCount",
-           "MissingProbe", "Models", "PhaseCost", "Prediction", "Profile", "Proposal", "Tracer", "add_parser", "arch_key",
+           "KNOBS", "MIN_SLACK_GIB", "OFFICIAL_OVERRIDES", "PROBE_VERSION", "SHIPPED", "FlopCount",
+           "MissingProbe", "Models", "PhaseCost", "Prediction", "Probes", "Proposal", "Tracer", "add_parser", "arch_key",
            "attention_kernels", "build_meta", "cache_dir", "candidates", "card_context_gib", "check_fits",
-           "cuda_vram_gib", "default_capability", "describe", "fragmentation_default", "gpu_presets", "kept_per_trajectory",
+           "cuda_vram_gib", "default_capability", "describe", "fragmentation_default", "gpu_presets",
            "key_hash", "model_configs", "nbytes", "official_baseline", "optimizer_state_bytes", "overrides", "parse_vram",
-           "phase_table", "predict", "preflight", "propose", "run", "sd_configs", "sdpa_kernel", "static_sizes", "table", "update_costs"]
+           "fit_check", "prediction_table", "predict", "propose", "run", "sd_configs", "sdpa_kernel", "static_sizes", "table", "update_costs"]

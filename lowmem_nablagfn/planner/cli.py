@@ -12,19 +12,13 @@ from ..memtrack import GiB
 from .gpu import (CARD_CAPABILITY, CARDS, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels, card_context_gib,
                   cuda_vram_gib, fragmentation_default, parse_vram)
 from .prediction import Prediction, predict
-from .profile import Profile
+from .probes import Probes
 from .search import official_baseline, propose
 
-PHASE_ORDER = ("encode", "sampling", "final_reward", "reward_grad_next", "reward_grad_cur", "reference",
-               "policy", "train", "optimizer")
-
-
-def phase_table(pred: Prediction, measured: Optional[Dict[str, float]] = None) -> str:
+def prediction_table(pred: Prediction, measured: Optional[Dict[str, float]] = None) -> str:
     head = "| phase | predicted peak (GiB) |" + (" measured (GiB) | error |" if measured else "")
     lines = [head, "| --- | ---: |" + (" ---: | ---: |" if measured else "")]
-    for name in PHASE_ORDER:
-        if name not in pred.phases:
-            continue
+    for name in pred.phases:  # the memory plan's order
         row = f"| {name} | {pred.phases[name] / GiB:.3f} |"
         if measured:
             got = measured.get(name)
@@ -33,7 +27,7 @@ def phase_table(pred: Prediction, measured: Optional[Dict[str, float]] = None) -
     return "\n".join(lines)
 
 
-def describe(cfg: Config, profile: Profile, vram_gib: Optional[float] = None,
+def describe(cfg: Config, profile: Probes, vram_gib: Optional[float] = None,
              fragmentation: Optional[float] = None, context_gib: Optional[float] = None,
              capability: Optional[Tuple[int, int]] = None) -> Tuple[str, dict]:
     """Human-readable plan of ``cfg`` (and a proposal when ``vram_gib`` is given), plus a JSON summary."""
@@ -45,7 +39,7 @@ def describe(cfg: Config, profile: Profile, vram_gib: Optional[float] = None,
            f"reward {cfg.reward.name}; {'no-flow' if cfg.model.no_flow else 'residual'}, "
            f"memory.mode={cfg.memory.mode}, memory.attention={cfg.memory.attention}"
            + (f" (sm{pred.capability[0]}{pred.capability[1]}: {kernels})" if kernels else ""),
-           "", phase_table(pred), "",
+           "", prediction_table(pred), "",
            "resident: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in pred.resident.items()),
            f"predicted peak (max_memory_allocated): {pred.peak / GiB:.2f} GiB in {pred.peak_phase}"
            + (f", of which {pred.allowances[pred.peak_phase] / GiB:.2f} GiB cuDNN workspace and attention "
@@ -90,7 +84,7 @@ def table(presets: Sequence[str], cards: Dict[str, float], verbose: bool = False
              "| --- | --- | ---: | ---: | :---: | --- | ---: | ---: | ---: |"]
     for name in presets:
         cfg = load_config(name)
-        profile = Profile(cfg, verbose=verbose)
+        profile = Probes(cfg, verbose=verbose)
         for card, gib in cards.items():
             cap = CARD_CAPABILITY.get(card, DEFAULT_CAPABILITY)
             kernels = attention_kernels(cfg, profile.models, cap)
@@ -149,7 +143,7 @@ def run(args) -> int:
     if args.vram:  # a card name gives its class; a bare size keeps this machine's (or the default)
         cap = next((c for n, c in CARD_CAPABILITY.items()
                     if args.vram.lower().replace("-", "") == n.lower().replace("-", "")), None)
-    text, summary = describe(cfg, Profile(cfg, verbose=args.verbose), vram, frag, capability=cap)
+    text, summary = describe(cfg, Probes(cfg, verbose=args.verbose), vram, frag, capability=cap)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

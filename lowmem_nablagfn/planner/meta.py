@@ -21,7 +21,6 @@ from torch import nn
 
 from ..config import Config
 from ..dtypes import DTYPES
-from ..memory import build_plan
 
 #: Version of the probes (:mod:`.trace`): part of every architecture key, so bumping it retraces.
 PROBE_VERSION = 3  # 3: checkpoint_vae checkpoints the decoder per layer (models.checkpointing)
@@ -111,16 +110,13 @@ def build_meta(cfg: Config) -> Models:
     (:func:`~lowmem_nablagfn.models.instantiate`, :func:`~lowmem_nablagfn.models.prepare_for_training`,
     ``build_reward``): exact parameter counts and dtypes, no memory."""
     from ..models import instantiate, prepare_for_training
-    from ..rewards import build_reward
-    from ..rewards.loading import random_size
+    from ..rewards import build_reward, weight_free
 
     configs, source = model_configs(cfg.pretrained.model, cfg.pretrained.revision)
     vae_json = Path(cfg.pretrained.vae or "").expanduser() / "config.json"
     if cfg.pretrained.vae and vae_json.is_file():  # pretrained.vae (e.g. an fp16-fix VAE: not upcast)
         configs = dict(configs, vae=json.loads(vae_json.read_text()))
-    rcfg = copy.deepcopy(cfg.reward)
-    if not rcfg.name.startswith("builtin:") and random_size(rcfg.checkpoint) is None:
-        rcfg.checkpoint = "random"  # the architecture of the real weights, without the files
+    rcfg = weight_free(copy.deepcopy(cfg.reward))  # the architecture of the real weights, without the files
     with torch.device("meta"), quiet():
         parts = instantiate(configs)
         trainable = prepare_for_training(cfg, parts)  # what the trainer's set-up adds: one function
@@ -165,9 +161,9 @@ def static_sizes(cfg: Config, m: Models) -> dict:
         trainable += [p.numel() for p in m.flow_model.parameters()]
     # on an accelerator, what the memory plan keeps in host memory is not on the device (the VAE
     # encoder: training only decodes; offloaded text encoders are a knob, counted by predict)
-    vae_parts = {id(x) for x in m.vae.modules()}
-    vae_host = 0 if cfg.device == "cpu" else sum(nbytes(x) for x in build_plan(cfg.memory).placement.host_modules(m)
-                                                 if id(x) in vae_parts)
+    from ..models import vae_encoder_modules
+
+    vae_host = 0 if cfg.device == "cpu" else sum(nbytes(x) for x in vae_encoder_modules(m.vae))
     return {
         "unet": unet_frozen, "lora": sum(p.numel() * 4 for p in m.lora_params),
         "vae": nbytes(m.vae) - vae_host,
@@ -191,6 +187,8 @@ def arch_key(cfg: Config, m: Models) -> dict:
         "reward": [cfg.reward.name, type(m.reward).__name__, sum(p.numel() for p in m.reward.parameters()),
                    cfg.reward.weight_dtype],
     }
+    if cfg.reward.mix:  # a mixture: its components in order (their weights do not change the activations)
+        key["reward"].append(list(cfg.reward.mix))
     if m.text_encoder_2 is not None:  # SDXL only, so that SD 1.x keys (and the shipped hashes) stay as they were
         key["text_2"] = m.text_encoder_2.config.hidden_size
         key["vae_itemsize"] = next(m.vae.parameters()).element_size()  # upcast under fp16

@@ -15,12 +15,13 @@ import torch
 
 from ..config import Config
 from ..dtypes import DTYPES
-from ..memory import build_plan
+from ..memory import MemoryPlan, build_plan
 from ..memtrack import GiB
 from .gpu import (ATTN_SCRATCH_BYTES, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels,
                   card_context_gib, cudnn_workspace_bytes, default_capability, fragmentation_default)
 from .costs import CALL_OVERHEAD, update_costs
-from .profile import Profile
+from .monitor import monitor_cost
+from .probes import Probes
 
 
 @dataclass
@@ -67,13 +68,6 @@ class Prediction:
         return self.required_gib(fragmentation, context_gib) <= vram_gib
 
 
-def kept_per_trajectory(cfg: Config) -> int:
-    from ..subsample import num_blocks
-
-    t = cfg.sampling.num_steps
-    return min(num_blocks(t, cfg.model.timestep_fraction) + 1, t)
-
-
 def optimizer_state_bytes(cfg: Config, numels: Sequence[int]) -> float:
     if cfg.training.optimizer == "adamw":
         return 8.0 * sum(numels)
@@ -82,18 +76,20 @@ def optimizer_state_bytes(cfg: Config, numels: Sequence[int]) -> float:
     return sum(2 * n + 8 * math.ceil(n / 2048) if n >= 4096 else 8 * n for n in numels)
 
 
-def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]] = None) -> Prediction:
+def predict(cfg: Config, profile: Probes, capability: Optional[Tuple[int, int]] = None,
+            plan: Optional[MemoryPlan] = None) -> Prediction:
     """Phase-by-phase peak bytes of ``cfg`` (same architecture as ``profile``) on a card of this
-    compute ``capability`` (default: :func:`default_capability`).
+    compute ``capability`` (default: :func:`default_capability`).  ``plan``: the run's memory plan of
+    ``cfg`` when it is already built (``train``'s fit check); default: built here.
 
-    The training phases are those of the plan the executor runs (``memory.build_plan``), costed by
+    The phases are those of the plan, in its order (:attr:`~lowmem_nablagfn.memory.MemoryPlan.phase_order`);
+    the row arithmetic is the plan's.  The update's phases are the executor's, costed by
     :mod:`.costs`.  On the CPU (``device=cpu``) the phases are what the live-bytes tracker measures; on
     a GPU they add the cuDNN workspace and attention scratch allowances, and the attention passes are
     traced with the kernel the card and dtype get (the math kernel's attention matrices included)."""
-    st, mem, s, t = profile.static, cfg.memory, cfg.sampling, cfg.training
-    residual = not cfg.model.no_flow
-    plan = build_plan(mem, residual)
-    placement = plan.placement
+    st, t = profile.static, cfg.training
+    plan = plan if plan is not None else build_plan(cfg)
+    placement, bt, residual = plan.placement, plan.batches, plan.residual
     capability = tuple(capability or default_capability(cfg))
     gpu = cfg.device != "cpu"
     kernels = attention_kernels(cfg, profile.models, capability) if gpu else {}
@@ -102,8 +98,8 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
     c, h, w = st["latent_shape"]
     latent = c * h * w
     text = st["text_shape"][0] * st["text_shape"][1] * st["text_itemsize"]
-    storage = torch.empty((), dtype=DTYPES[mem.transition_dtype]).element_size()  # kept transitions
-    kept = kept_per_trajectory(cfg)
+    storage = placement.storage_dtype.itemsize  # kept transitions
+    kept = bt.kept
     numels = list(st["trainable_numels"])
     if not residual:
         numels = numels[:len(profile.models.lora_params)]
@@ -115,42 +111,50 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
     opt = optimizer_state_bytes(cfg, numels)
     grads = 4.0 * sum(numels)
     per_traj = kept * 3 * latent * storage + text + latent * 4 + kept * 8 + 4
-    n_epoch = s.batch_size * s.num_batches_per_epoch
-    lag = 1 if t.on_policy else 2  # the official loop trains on last epoch's samples while holding new ones
+    n_epoch, lag = bt.trajectories_per_epoch, bt.held_epochs
     if placement.offload_trajectories and not host_is_device:
-        traj_train, traj_sample = 0.0, s.batch_size * per_traj
+        traj_train, traj_sample = 0.0, bt.sampling_batch * per_traj
     else:
         traj_train, traj_sample = lag * n_epoch * per_traj, lag * n_epoch * per_traj
     if not placement.store_only_trained:  # all T steps of the sampling batch are stored, then gathered
-        traj_sample += s.batch_size * s.num_steps * 3 * latent * storage
+        traj_sample += bt.sampling_batch * bt.num_steps * 3 * latent * storage
     base = weights + text_encoder + opt
 
     # sampling, encode, final reward (no graph)
-    b = s.batch_size
+    b = bt.sampling_batch
     loop = 5 * b * latent * 4
-    phases = {}
-    phases["encode"] = base + traj_sample + (st["text_encoder"] - text_encoder) + profile.get("encode", rows=b)["Pi"]
-    phases["sampling"] = base + traj_sample + loop + profile.get("unet_sample", math_u, rows=b)["Pi"]
+    fixed = {}
+    fixed["encode"] = base + traj_sample + (st["text_encoder"] - text_encoder) + profile.get("encode", rows=b)["Pi"]
+    fixed["sampling"] = base + traj_sample + loop + profile.get("unet_sample", math_u, rows=b)["Pi"]
     vae_ng, rew_ng = profile.get("vae_nograd", math_u, rows=b), profile.get("reward_nograd", rows=b)
-    phases["final_reward"] = base + traj_sample + max(vae_ng["Pi"], vae_ng["Out"] + rew_ng["Pi"])
+    fixed["final_reward"] = base + traj_sample + max(vae_ng["Pi"], vae_ng["Out"] + rew_ng["Pi"])
 
     # one training batch of R = B(K+1) rows: the plan's phases above what stays resident
-    rows = t.batch_size * kept
-    batch = t.batch_size * per_traj + rows * (3 * latent * 4 + text) + 4 * rows * latent * 4
+    rows = bt.rows
+    batch = bt.train_batch * per_traj + rows * (3 * latent * 4 + text) + 4 * rows * latent * 4
     train_base = base + grads + traj_train + batch
     # The gradients are freed after each optimiser step (zero_grad(set_to_none=True)) and created by the
     # training pass's backward: without accumulation, the optimised plan's phases before "train" run
     # without them (a keep-graph plan's backward runs per slot and DeepSpeed keeps its gradient buffers).
-    fresh_grads = (t.gradient_accumulation_steps == 1 and not any(ph.keep_graph for ph in plan.phases)
+    fresh_grads = (bt.accumulation == 1 and not any(ph.keep_graph for ph in plan.phases)
                    and cfg.distributed.backend != "deepspeed")
-    costs = update_costs(profile, plan, t.batch_size, kept, residual, math_u, math_f)
-    for name, cost in costs.items():
-        phases[name] = train_base + cost.peak - (grads if fresh_grads and name != "train" else 0.0)
+    costs = update_costs(profile, plan, math_u, math_f)
     train_flops = sum(cost.flops for cost in costs.values())
     # foreach AdamW (torch's default on CUDA) holds two fp32 temporaries per parameter; the CPU runs the
     # per-tensor loop (one tensor's temporaries: the largest LoRA or flow weight)
     step_tmp = 2.0 * 4 * (sum(numels) if gpu else max(numels, default=0))
-    phases["optimizer"] = base + grads + traj_train + step_tmp
+    fixed["optimizer"] = base + grads + traj_train + step_tmp
+    monitor = monitor_cost(cfg, profile) if plan.monitor else None
+    if monitor is not None:  # one watched reward at a time on the device, beside what sampling holds
+        fixed["monitor"] = base + traj_sample + monitor.phase
+    phases = {}
+    for name in plan.phase_order:  # the plan's order; a phase over no rows is absent from ``costs``
+        if name in fixed:
+            phases[name] = fixed[name]
+        elif name in costs:
+            phases[name] = train_base + costs[name].peak - (grads if fresh_grads and name != "train" else 0.0)
+    if monitor is not None and host_is_device:  # the watched rewards wait in host memory: the CPU's own
+        phases = {name: v + monitor.host_resident for name, v in phases.items()}
 
     # GPU-only memory (allowances; see the constants): cuDNN workspaces, attention backward scratch
     allowances = {name: 0.0 for name in phases}
@@ -162,22 +166,21 @@ def predict(cfg: Config, profile: Profile, capability: Optional[Tuple[int, int]]
         for name in phases:
             if name in costs:  # a pass with a backward: workspace and the scratch of one call's rows
                 allowances[name] = workspace["grad"] + scratch * costs[name].call_rows
-            elif name in ("sampling", "final_reward"):
+            elif name in ("sampling", "final_reward", "monitor"):
                 allowances[name] = workspace["nograd"]
             phases[name] += allowances[name]
         math_parts = [k for k, v in kernels.items() if v == "math"]
         if math_parts:
-            why = ("memory.attention=math" if mem.attention == "math" else
+            why = ("memory.attention=math" if placement.attention == "math" else
                    f"{t.mixed_precision} attention on a sm{capability[0]}{capability[1]} card has neither a flash "
                    f"nor a memory-efficient kernel (bf16 needs sm80+; use training.mixed_precision=fp16)")
             notes.append(f"attention of the {', '.join(math_parts)} runs on the math SDPA kernel ({why}): "
                          f"the attention matrices are materialised (included in the prediction)")
 
     # work of one update: its training batches plus its share of the epoch's sampling
-    updates_per_epoch = max(1, n_epoch // (t.batch_size * t.gradient_accumulation_steps))
     sample_call = profile.get("unet_sample", rows=b)["flops_f"] + CALL_OVERHEAD * profile.get("unet_sample", rows=1)["flops_f"]
-    sample_flops = s.num_batches_per_epoch * s.num_steps * sample_call
-    tflop = (t.gradient_accumulation_steps * train_flops + sample_flops / updates_per_epoch) / 1e12
+    sample_flops = bt.sampling_batches * bt.num_steps * sample_call
+    tflop = (bt.accumulation * train_flops + sample_flops / bt.updates_per_epoch) / 1e12
     resident = {"weights": weights + st["text_encoder"], "text_encoder": st["text_encoder"],
                 "optimizer_state": opt, "gradients": grads, "trajectories": traj_train, "batch_rows": batch}
     return Prediction(phases, resident, tflop, capability, kernels, allowances, notes)

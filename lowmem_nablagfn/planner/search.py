@@ -3,7 +3,7 @@
 Candidates keep the objective and everything that changes the update's numbers and vary the exact
 memory knobs (:data:`KNOBS`), tier by tier (see :mod:`lowmem_nablagfn.planner`); :func:`propose` takes
 the first tier with a fitting candidate and the fastest inside it.  :func:`check_fits` and
-:func:`preflight` are the refusal ``train`` prints; :func:`official_baseline` is the official code's
+:func:`fit_check` are the refusal ``train`` prints; :func:`official_baseline` is the official code's
 schedule, the baseline of every "vs" figure.
 """
 from __future__ import annotations
@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple
 
 from ..config import Config, to_dict
+from ..memory import OFFICIAL, Batches, MemoryPlan, official_memory
 from ..memtrack import GiB
 from . import gpu
 from .gpu import MIN_SLACK_GIB, attention_kernels, card_context_gib, default_capability, fragmentation_default
-from .prediction import Prediction, kept_per_trajectory, predict
-from .profile import Profile
+from .prediction import Prediction, predict
+from .probes import Probes
 
 
 KNOBS = ("memory.checkpoint_unet", "memory.checkpoint_vae", "memory.checkpoint_reward", "memory.checkpoint_flow",
@@ -77,7 +78,7 @@ def candidates(cfg: Config, st: dict, tier: int) -> Iterator[Config]:
     if tier >= 4:
         model = replace(model, no_flow=True)
     residual = not model.no_flow
-    kept = kept_per_trajectory(cfg)
+    kept = Batches.of(cfg).kept
     flag_sets = list(itertools.product((False, True), (False, True),
                                        (False, True) if st["reward_has_blocks"] else (False,),
                                        (False, True) if residual else (False,)))
@@ -100,7 +101,7 @@ class Proposal:
     tier: int
 
 
-def _evaluated(cfg: Config, profile: Profile, tier: int,
+def _evaluated(cfg: Config, profile: Probes, tier: int,
                capability: Optional[Tuple[int, int]] = None) -> List[Tuple[tuple, Config, Prediction]]:
     """Every distinct candidate of a tier with its prediction and rank (memoised on the profile).
 
@@ -129,7 +130,7 @@ def _evaluated(cfg: Config, profile: Profile, tier: int,
     return memo[key]
 
 
-def propose(cfg: Config, profile: Profile, vram_gib: float, fragmentation: Optional[float] = None,
+def propose(cfg: Config, profile: Probes, vram_gib: float, fragmentation: Optional[float] = None,
             context_gib: Optional[float] = None,
             capability: Optional[Tuple[int, int]] = None) -> Optional[Proposal]:
     """The fastest configuration that fits ``vram_gib`` with :data:`MIN_SLACK_GIB` to spare, from
@@ -145,12 +146,14 @@ def propose(cfg: Config, profile: Profile, vram_gib: float, fragmentation: Optio
     return None
 
 
-def check_fits(cfg: Config, vram_gib: float, verbose: bool = False) -> Optional[str]:
-    """None when ``cfg`` is predicted to fit ``vram_gib``; else the refusal message with a proposal."""
+def check_fits(cfg: Config, vram_gib: float, verbose: bool = False,
+               plan: Optional[MemoryPlan] = None) -> Optional[str]:
+    """None when ``cfg`` is predicted to fit ``vram_gib``; else the refusal message with a proposal.
+    ``plan``: the run's memory plan of ``cfg`` (default: built here)."""
     import sys
 
-    profile = Profile(cfg, verbose=verbose)
-    pred = predict(cfg, profile)
+    profile = Probes(cfg, verbose=verbose)
+    pred = predict(cfg, profile, plan=plan)
     for note in pred.notes:
         print(f"warning: {note}", file=sys.stderr)
     if pred.fits(vram_gib):
@@ -169,31 +172,26 @@ def check_fits(cfg: Config, vram_gib: float, verbose: bool = False) -> Optional[
     return msg
 
 
-#: The official code's schedule and retention at the same batch sizes: the baseline of every "vs"
-#: figure (planner table, benchmarks/memory.py, update_time.py, plan_targets.py, gpu_validate.py).
-OFFICIAL_OVERRIDES = ["memory.mode=official", "memory.checkpoint_unet=false", "memory.checkpoint_vae=false",
-                      "memory.checkpoint_reward=false", "memory.checkpoint_flow=false", "memory.input_grad_chunk=0",
-                      "memory.train_chunk=0", "memory.store_only_trained=false",
-                      "memory.offload_trajectories=false", "memory.offload_text_encoder=false"]
+#: The official code's schedule and retention at the same batch sizes (``memory.OFFICIAL``, the one
+#: definition) as command-line overrides: the baseline of every "vs" figure (planner table,
+#: benchmarks/memory.py, update_time.py, plan_targets.py, gpu_validate.py).
+OFFICIAL_OVERRIDES = [f"memory.{k}={str(v).lower()}" for k, v in OFFICIAL.items()]
 
 
 def official_baseline(cfg: Config) -> Config:
-    """``cfg`` with the official code's memory schedule (:data:`OFFICIAL_OVERRIDES`)."""
+    """``cfg`` with the official code's memory schedule (:func:`~lowmem_nablagfn.memory.official_memory`)."""
     out = copy.deepcopy(cfg)
-    for item in OFFICIAL_OVERRIDES:
-        key, value = item.split("=")
-        _set(out, key, {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value))
+    out.memory = official_memory(out.memory)
     return out
 
 
-
-def preflight(cfg: Config) -> Optional[str]:
+def fit_check(cfg: Config, plan: Optional[MemoryPlan] = None) -> Optional[str]:
     """The check ``train`` runs first: None on the CPU or when ``cfg`` is predicted to fit the GPU,
-    else the refusal message (with the proposed overrides)."""
+    else the refusal message (with the proposed overrides).  ``plan``: the run's memory plan."""
     if cfg.device == "cpu":
         return None
     vram = gpu.cuda_vram_gib()  # looked up at call time: tests stand in a card
     if vram is None:
         return None
-    return check_fits(cfg, vram, verbose=True)  # an architecture traced for the first time takes minutes
+    return check_fits(cfg, vram, verbose=True, plan=plan)  # an architecture traced for the first time takes minutes
 

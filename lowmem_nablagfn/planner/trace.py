@@ -4,7 +4,7 @@
 data, no compute) and runs one probe at a time at the configuration's resolution, counting the bytes
 of every storage the aten ops return (:class:`~lowmem_nablagfn.memtrack.LiveBytes`) and the FLOPs of the
 matmuls, convolutions and attention (:class:`FlopCount`).  A probe returns named marks (peaks, bytes
-left alive, FLOPs); :class:`~.profile.Profile` caches them and makes them linear in rows.
+left alive, FLOPs); :class:`~.profile.Probes` caches them and makes them linear in rows.
 """
 from __future__ import annotations
 
@@ -123,20 +123,11 @@ class Tracer:
                     torch.zeros(r, dtype=torch.bool))
 
     def _ctx(self, residual: bool, plan=None):
-        """The executor's context on the traced models (what the trainer's update runs)."""
-        from ..memory import ObjectiveSettings, UpdateContext, UpdateFns
-        from ..models import reference_policy
+        """The executor's context on the traced models: the trainer's own (:func:`~lowmem_nablagfn.update.update_context`)."""
+        from ..update import update_context
 
-        m, unet, eps, vae, reward = self.cfg.model, self.m.unet, self.eps_fn, self.m.vae, self.m.reward
-        flow = None
-        if residual:
-            flow = lambda x, t, embeds: self.m.flow_model(x, t, encoder_hidden_states=embeds).sample  # noqa: E731
-        # the reference is the same UNet with its LoRA off, for the reference pass's forward and backward
-        fns = UpdateFns(eps, eps, flow, lambda x0, prompts: reward(decode_latents(vae, x0), prompts),
-                        lambda: reference_policy(unet))
-        settings = ObjectiveSettings(m.reward_scale, m.reverse_loss_scale, m.unet_reg_scale, m.pretrained_strength,
-                                     m.reward_adaptive_mode, m.flow_zero_prompt)
-        return UpdateContext(fns, self.sched, settings, plan=plan)
+        return update_context(self.cfg, self.m.unet, self.m.vae, self.m.reward,
+                              self.m.flow_model if residual else None, self.uncond, self.sched, plan=plan)
 
     def _grad_chain(self, meter: _Meter, fn, x: Tensor) -> None:
         """Forward with a graph, retained backward, backward: Pf, F, Pbr, Pb and their FLOPs."""
@@ -154,12 +145,11 @@ class Tracer:
 
     # -- probes: each returns {quantity: bytes or flops}
     def probe(self, name: str, flags: dict, r: int) -> Dict[str, float]:
-        from ..models import set_attention_backend, set_checkpointing
+        from ..memory.plan import switch_checkpointing
+        from ..models import set_attention_backend
         from ..sampling import as_conditioning
 
-        for module, flag in ((self.m.unet, "unet"), (self.m.vae, "vae"), (self.m.reward, "reward"),
-                             (self.m.flow_model, "flow")):
-            set_checkpointing(module, flags.get(flag, False))
+        switch_checkpointing(flags, self.m.unet, self.m.vae, self.m.reward, self.m.flow_model)
         # the math SDPA kernel materialises the attention matrices (traced); flash / memory-efficient
         # kernels keep what the CPU's fused kernel keeps (output and log-sum-exp)
         set_attention_backend((self.m.unet, self.m.vae), "math" if flags.get("math") else "sdpa")
@@ -264,13 +254,13 @@ class Tracer:
         from dataclasses import replace
 
         from .. import memtrack
-        from ..memory import Rows, accumulate_gradients, build_plan
+        from ..memory import Mode, Rows, accumulate_gradients, build_plan
 
         params = self._with_grads(residual)
         rows = self._rows(r)
         rows = Rows(rows.x, rows.x_next, rows.eps_sampled, rows.step_index, rows.cond, rows.prompts,
                     torch.arange(r) == 0)  # one last transition, as in every batch
-        ctx = self._ctx(residual, build_plan(replace(self.cfg.memory, mode="naive"), residual))
+        ctx = self._ctx(residual, build_plan(replace(self.cfg.memory, mode=Mode.NAIVE.value), residual))
         base = mem.current
         with memtrack.recording_with(mem) as rec:
             f0 = fc.get_total_flops()

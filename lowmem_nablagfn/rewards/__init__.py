@@ -2,7 +2,8 @@
 
 Reward models proper (aesthetic, HPSv2, ImageReward, PickScore, CLIPScore) live in their own modules
 and are imported lazily, so their heavy dependencies (the ``rewards`` extra) are needed only when used.
-A user's own reward is named ``path/to/file.py:build`` or ``package.module:build`` (:mod:`.custom`).
+A user's own reward is named ``path/to/file.py:build`` or ``package.module:build`` (:mod:`.custom`);
+a weighted sum of rewards is ``mix`` (:mod:`.mixture`).
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import importlib
 import torch
 
 from ..dtypes import STORAGE_DTYPES, to_dtype
+from . import mixture
 from .base import RewardModel
 from .builtin import BUILTIN
 from .custom import is_custom
+from .loading import random_size
+from .mixture import MIX, MixtureReward
 
 #: name -> "module:function" building the reward from a RewardConfig and a device.
 EXTERNAL = {
@@ -47,8 +51,11 @@ def apply_preprocessing_options(model: RewardModel, cfg) -> RewardModel:
 
 
 def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
-    """Build the reward named by ``cfg.name`` (a :class:`~lowmem_nablagfn.config.RewardConfig`)."""
-    if cfg.name in BUILTIN:
+    """Build the reward named by ``cfg.name`` (a :class:`~lowmem_nablagfn.config.RewardConfig`); ``mix``:
+    the weighted sum of ``cfg.mix``'s rewards, each built here (:mod:`.mixture`)."""
+    if cfg.name == MIX:
+        model = mixture.build(cfg, lambda component: build_reward(component, device))
+    elif cfg.name in BUILTIN:
         model = BUILTIN[cfg.name]()
     elif cfg.name in EXTERNAL:
         module, fn = EXTERNAL[cfg.name].split(":")
@@ -64,4 +71,15 @@ def build_reward(cfg, device: torch.device | str = "cpu") -> RewardModel:
     return model.to(device).eval().requires_grad_(False)
 
 
-__all__ = ["RewardModel", "apply_preprocessing_options", "build_reward", "is_custom", "known_reward", "reward_names"]
+def weight_free(cfg):
+    """``cfg`` (a RewardConfig) with random weights of the same architectures wherever it loads files (every
+    packaged reward, every packaged component of a mixture): what the planner builds on the meta device."""
+    if cfg.name.startswith("builtin:") or is_custom(cfg.name):
+        return cfg
+    full = lambda spec: spec if random_size(spec) else "random"  # noqa: E731
+    return dataclasses.replace(cfg, checkpoint=full(cfg.checkpoint),
+                               checkpoints={k: full(v) for k, v in cfg.checkpoints.items()})
+
+
+__all__ = ["MIX", "MixtureReward", "RewardModel", "apply_preprocessing_options", "build_reward", "is_custom",
+           "known_reward", "reward_names", "weight_free"]

@@ -3,6 +3,8 @@
 Each is a smooth function of the image whose improvement is visible in a sample grid:
 
 * ``redness``: mean of ``r - (g + b) / 2``, in [-1, 1];
+* ``blueness``: mean of ``b - (r + g) / 2``, in [-1, 1] — falls as redness is trained up: the tests'
+  reward-hacking monitor (``monitor.rewards=[builtin:blueness]``) watches it;
 * ``brightness``: mean luminance (Rec. 601), in [0, 1];
 * ``saturation``: mean of ``max(r, g, b) - min(r, g, b)`` smoothed by a log-sum-exp, in [0, 1].
 """
@@ -22,6 +24,12 @@ class RednessReward(RewardModel):
         return (r - 0.5 * (g + b)).flatten(1).mean(1)
 
 
+class BluenessReward(RewardModel):
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        r, g, b = images.unbind(1)
+        return (b - 0.5 * (r + g)).flatten(1).mean(1)
+
+
 class BrightnessReward(RewardModel):
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         r, g, b = images.unbind(1)
@@ -38,5 +46,5 @@ class SaturationReward(RewardModel):
         return (hi - lo).flatten(1).mean(1)
 
 
-BUILTIN = {"builtin:redness": RednessReward, "builtin:brightness": BrightnessReward,
-           "builtin:saturation": SaturationReward}
+BUILTIN = {"builtin:redness": RednessReward, "builtin:blueness": BluenessReward,
+           "builtin:brightness": BrightnessReward, "builtin:saturation": SaturationReward}

@@ -1,8 +1,8 @@
-"""Preflight: what can be checked without building a model, checked before any model is built.
+"""Set-up checks: what can be checked without building a model, checked before any model is built.
 
 ``train`` and ``profile`` check the run directory, the prompt file, the model (a single file is
 identified, a hub id must be cached offline), the LoRA targets against the model's UNet built on the
-``meta`` device, the attention backend, the reward's and the backbone's files and the device;
+``meta`` device, the attention backend, the reward's and the backbone's files (the watched rewards' too) and the device;
 ``plan`` its ``--vram``; ``export`` its destination; ``config`` only validates (printing a
 configuration needs no model).  Every problem is one line naming the value, why it cannot work and
 the fix; the CLI prints them together and exits 2 (no traceback).  Validation of the values
@@ -157,11 +157,21 @@ def _reward_defaults(name: str) -> tuple:
 
 
 def check_reward_files(cfg) -> List[str]:
-    """The reward's checkpoint and backbone: local ones must exist, hub ones (offline) be cached."""
+    """The reward's checkpoint and backbone (a mixture: each component's): local ones must exist, hub
+    ones (offline) be cached."""
+    from .rewards.mixture import MIX, components
+
+    if cfg.reward.name != MIX:
+        return _reward_files(cfg.reward, "reward.checkpoint", "reward.backbone")
+    return [problem for name, _, sub in components(cfg.reward)
+            for problem in _reward_files(sub, f"reward.checkpoints.{name}", f"reward.backbones.{name}")]
+
+
+def _reward_files(r, checkpoint_key: str, backbone_key: str) -> List[str]:
+    """:func:`check_reward_files` of one reward ``r`` (a RewardConfig); the messages name the two keys given."""
     from .rewards import EXTERNAL
     from .rewards.loading import random_size
 
-    r = cfg.reward
     if r.name not in EXTERNAL or random_size(r.checkpoint):
         return []
     default_ckpt, default_backbone = _reward_defaults(r.name)
@@ -170,22 +180,37 @@ def check_reward_files(cfg) -> List[str]:
     if spec:
         if _looks_local(spec) or spec.count("/") < 2:
             if not Path(spec).expanduser().is_file():
-                problems.append(f"reward.checkpoint={spec}: no such file; give the local path of the "
+                problems.append(f"{checkpoint_key}={spec}: no such file; give the local path of the "
                                 f"{r.name} weights (see the README's reward table)")
         elif _offline():
             repo, filename = "/".join(spec.split("/")[:2]), "/".join(spec.split("/")[2:])
             if not _hub_cached(repo, filename):
-                problems.append(f"reward.checkpoint={spec} (hub repo {repo}, file {filename}) is not in the local "
+                problems.append(f"{checkpoint_key}={spec} (hub repo {repo}, file {filename}) is not in the local "
                                 f"hub cache and HF_HUB_OFFLINE is set; download it once, or give a local file")
     spec = r.backbone or default_backbone
     if spec:
         if _looks_local(spec) or spec.count("/") > 1:
             if not Path(spec).expanduser().is_dir():
-                problems.append(f"reward.backbone={spec}: no such directory; give a local copy of the "
+                problems.append(f"{backbone_key}={spec}: no such directory; give a local copy of the "
                                 f"backbone ({default_backbone or 'see the README'})")
         elif _offline() and not _hub_cached(spec, "config.json") and not _hub_cached(spec, "vocab.txt"):
-            problems.append(f"reward.backbone={spec} is not in the local hub cache and HF_HUB_OFFLINE is set; "
-                            f"`hf download {spec} --local-dir DIR` once and pass reward.backbone=DIR")
+            problems.append(f"{backbone_key}={spec} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                            f"`hf download {spec} --local-dir DIR` once and pass {backbone_key}=DIR")
+    return problems
+
+
+def check_monitor_files(cfg) -> List[str]:
+    """The watched rewards' checkpoints and backbones (``monitor.*``), as :func:`check_reward_files` checks the
+    trained reward's (each message names the ``monitor.`` option to set)."""
+    from types import SimpleNamespace
+
+    from .monitor import reward_config
+
+    problems = []
+    for name in cfg.monitor.rewards:
+        for p in check_reward_files(SimpleNamespace(reward=reward_config(cfg, name))):
+            p = p.replace("reward.checkpoint=", f"monitor.checkpoints.{name}=")
+            problems.append(f"monitor.rewards {name}: " + p.replace("reward.backbone=", f"monitor.backbones.{name}="))
     return problems
 
 
@@ -250,7 +275,7 @@ def check_config(cfg) -> List[str]:
     """Every check of a configuration that is run (``train``, ``profile``)."""
     problems: List[str] = []
     for check in (check_run_dir, check_prompts, check_model, check_lora_targets, check_attention, check_reward_files,
-                  check_device):
+                  check_monitor_files, check_device):
         problems += check(cfg)
     return problems
 

@@ -1,6 +1,6 @@
-"""The cached profile: probe results of one architecture, traced on demand, kept on disk.
+"""The probes of one architecture (its traced profile): probe results, traced on demand, kept on disk.
 
-A :class:`Profile` holds every probe result of one :func:`~.meta.arch_key` (1- and 2-row traces of each
+A :class:`Probes` holds every probe result of one :func:`~.meta.arch_key` (1- and 2-row traces of each
 probe and checkpointing flag set) and gives any row count by linear interpolation.  Results are read
 from the traces shipped with the package (:data:`SHIPPED`), then from the user cache
 (:func:`cache_dir`); a missing probe is traced (:class:`~.trace.Tracer`) and saved.
@@ -28,7 +28,7 @@ class MissingProbe(LookupError):
     """A probe is not in the cached profile and tracing was not allowed."""
 
 
-class Profile:
+class Probes:
     """Probe results of one architecture (``arch_key``), traced on demand, cached on disk.
 
     Args:
