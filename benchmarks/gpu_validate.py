@@ -221,10 +221,10 @@ def reconfigure(c, cfg) -> bool:
     placement, optimiser class.  Returns True when the optimiser was rebuilt (its state is new)."""
     from lowmem_nablagfn import distributed as dist
     from lowmem_nablagfn import loop as T
-    from memory import set_memory_options  # benchmarks/memory.py
+    from lowmem_nablagfn.memory import build_plan
 
-    c.cfg = cfg
-    set_memory_options(c, vars(cfg.memory))
+    c.cfg, c.plan = cfg, build_plan(cfg)  # these components now run cfg's plan
+    c.plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)
     for te in getattr(c.parts, "text_encoders", [c.parts.text_encoder]):  # SDXL has two
         te.to("cpu" if cfg.memory.offload_text_encoder else c.device)
     rebuilt = False

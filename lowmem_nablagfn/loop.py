@@ -169,7 +169,7 @@ def mixture_metrics(c: Components, fresh: Trajectories) -> Dict[str, float]:
     rows: as many as one input-gradient pass holds, so that the pass fits where training's does)."""
     reward = c.reward_model
     out = component_metrics({k: dist.gather_tensor(v.to(c.device)) for k, v in reward.pop_log().items()})
-    n = min(fresh.batch_size, c.cfg.memory.input_grad_chunk or c.cfg.training.batch_size)
+    n = min(fresh.batch_size, c.plan.phase("reward_grad_next").call_rows(c.plan.batches.train_batch))
     with memtrack.phase("reward_shares"):
         with torch.no_grad():
             images = decode_latents(c.parts.vae, fresh.final_latents[:n].to(c.device))
@@ -189,7 +189,8 @@ def encode(c: Components, prompts: List[str]) -> Tensor:
 
 
 def policy_eps_fn(c: Components):
-    """Guided ε (SD 3.x: velocity) of the run's denoiser as it is now (:func:`~lowmem_nablagfn.update.policy_eps_fn`)."""
+    """Guided ε (SD 3.x: the velocity) of the run's denoiser as it is now
+    (:func:`~lowmem_nablagfn.update.policy_eps_fn`)."""
     return policy_eps_fn_of(c.parts.denoiser, c.uncond, c.cfg.sampling.guidance_scale, c.sched)
 
 

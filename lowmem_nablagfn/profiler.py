@@ -70,7 +70,7 @@ def run_profile(cfg: Config, updates: int = 2, warmup: int = 1, trace_dir: Optio
         c = replace(c, cfg=cfg, plan=build_plan(cfg))
     per_round = c.plan.batches.updates_per_epoch
     t0 = time.perf_counter()
-    epoch = -1 if not cfg.training.on_policy else 0
+    epoch = -1 if c.plan.batches.held_epochs == 2 else 0  # the lagged loop's first epoch only samples
     buffer = None
     if epoch < 0:  # the lagged loop's epoch -1 only samples
         buffer, _ = loop.run_epoch(c, epoch, None)
@@ -133,9 +133,11 @@ def one_update_per_epoch(cfg: Config) -> Config:
     """``cfg`` with the smallest epoch that still holds one optimiser update (profiling rounds)."""
     import copy
 
-    s, t = cfg.sampling, cfg.training
-    per_update = t.batch_size * t.gradient_accumulation_steps
-    if per_update % s.batch_size or s.batch_size * s.num_batches_per_epoch <= per_update:
+    from .memory import Batches
+
+    b = Batches.of(cfg)
+    per_update, s = b.trajectories_per_update, cfg.sampling
+    if per_update % s.batch_size or b.trajectories_per_epoch <= per_update:
         return cfg
     out = copy.deepcopy(cfg)
     out.sampling.num_batches_per_epoch = per_update // s.batch_size

@@ -50,7 +50,7 @@ def test_unknown_backend_is_refused():
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
 def test_xformers_missing_is_a_clear_error_before_the_model_loads(tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(T, "load_sd", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(T, "load_run_parts", lambda *a, **k: loaded.append(a))
     with pytest.raises(ImportError, match="pip install xformers.*memory.attention=sdpa"):
         T.setup(small_config(tmp_path, "memory.attention=xformers"))
     assert not loaded

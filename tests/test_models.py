@@ -2,11 +2,14 @@
 import pytest
 
 from lowmem_nablagfn import config
-from lowmem_nablagfn.models import BUILTIN_CONFIGS, NATIVE_RESOLUTION, SINGLE_FILE_SUFFIXES, builtin_configs
+from lowmem_nablagfn.models import (BUILTIN_CONFIGS, NATIVE_RESOLUTION, SD3_BUILTIN_CONFIGS, SD3_NATIVE_RESOLUTION,
+                                    SINGLE_FILE_SUFFIXES, builtin_configs)
 
 
 def test_builtin_models_are_the_ones_the_config_accepts():
-    assert tuple(BUILTIN_CONFIGS) == config.BUILTIN_MODELS == tuple(NATIVE_RESOLUTION)
+    assert tuple(SD3_BUILTIN_CONFIGS) == config.SD3_BUILTIN_MODELS == tuple(SD3_NATIVE_RESOLUTION)
+    assert tuple(BUILTIN_CONFIGS) + config.SD3_BUILTIN_MODELS == config.BUILTIN_MODELS == tuple(NATIVE_RESOLUTION) + \
+        tuple(SD3_NATIVE_RESOLUTION)
     assert SINGLE_FILE_SUFFIXES is config.SINGLE_FILE_SUFFIXES
 
 

@@ -93,7 +93,7 @@ def test_evaluations_are_every_n_epochs_from_the_base_model():
 ])
 def test_bad_monitor_values_are_one_line_each_before_any_model_loads(tmp_path, monkeypatch, capsys, override,
                                                                       message):
-    monkeypatch.setattr(L, "load_sd", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(L, "load_run_parts", lambda *a, **k: pytest.fail("a model was loaded"))
     code = cli.main(["train", "--preset", "tiny_cpu", "--quiet", *SMALL, f"logging.output_dir={tmp_path}",
                      "monitor.rewards=[builtin:blueness]", override])
     err = capsys.readouterr().err

@@ -142,8 +142,13 @@ def test_kept_transitions_are_stored_in_fp32_by_default(tmp_path):
     from helpers import small_config
 
     c = L.setup(small_config(tmp_path, "training.mixed_precision=no", "sampling.batch_size=2"))
+    from dataclasses import replace
+
+    from lowmem_nablagfn.memory import build_plan
+
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        c.cfg.memory.transition_dtype = dtype  # sample_epoch reads it at every call
+        # the run's plan reads it once (build_plan); sample_epoch stores in the plan's dtype
+        c.plan = build_plan(replace(c.cfg, memory=replace(c.cfg.memory, transition_dtype=dtype)))
         data = L.sample_epoch(c, 0)
         assert data.latents.dtype == data.next_latents.dtype == data.eps_sampled.dtype == want
         assert Rows.from_trajectories(data, c.sched.num_steps, c.device).x.dtype == torch.float32

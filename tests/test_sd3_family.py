@@ -1,6 +1,6 @@
 """The model-family adapter (lowmem_nablagfn/models/family.py) on tiny-sd3: prompts -> cached conditioning ->
 guided velocity -> flow-sde at noise 0 -> VAE decode is StableDiffusion3Pipeline's image at a fixed seed;
-the LoRA trains through it; the UNet family's call is sampling.cfg_eps_fn's."""
+the LoRA trains through it; the UNet family's call (sampling.cfg_eps_fn) is the guided UNet."""
 import pytest
 import torch
 
@@ -63,14 +63,23 @@ def test_lora_trains_through_the_guided_velocity(table):
     assert dead == {f"transformer_blocks.1.attn.add_q_proj.lora_{ab}.default.weight" for ab in "AB"}, dead
 
 
-def test_unet_family_is_cfg_eps_fn():
+def test_unet_family_is_the_guided_unet_call():
+    """The UNet family's guided call (what sampling.cfg_eps_fn now is) against the UNet called by hand:
+    ε_u + w (ε_c - ε_u), SDXL's pooled embeddings and time ids with each half."""
     parts = build_random_sd("tiny-sdxl", seed=0)
     uncond, cond = parts.uncond("cpu", 64), parts.encode(PROMPTS, "cpu", 64)
     assert family_of(parts) is UNetFamily and UNetFamily.latent_shape(parts, 64) == (4, 8, 8)
+    assert family_of(parts.unet) is UNetFamily and family_of(build_random_sd3("tiny-sd3", parts=("transformer",))
+                                                            .transformer) is SD3Family
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 20])
     with torch.no_grad():
-        torch.testing.assert_close(cfg_model_fn(UNetFamily, parts.unet, uncond, 5.0)(x, t, cond),
-                                   cfg_eps_fn(parts.unet, uncond, 5.0)(x, t, cond), rtol=0, atol=0)
+        def unet(c):
+            return parts.unet(x, t, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs={
+                "text_embeds": c.pooled_embeds, "time_ids": c.time_ids}).sample
+
+        by_hand = unet(uncond.expand_rows(2)) + 5.0 * (unet(cond) - unet(uncond.expand_rows(2)))
+        torch.testing.assert_close(cfg_eps_fn(parts.unet, uncond, 5.0)(x, t, cond), by_hand, rtol=1e-5, atol=1e-5)
+        assert float((by_hand - unet(cond)).abs().max()) > 1e-3  # the guidance did something
 
 
 def test_resolution_is_checked_against_the_transformer():

@@ -3,7 +3,7 @@ configuration alone can tell (issue #23, item 5); a run name is a name, and ``--
 only a run's own outputs, and only once set-up has succeeded (5a); single-file v-prediction markers
 and ``config`` without the model (6).
 
-The CLI runs in-process; ``loop.load_sd`` is replaced by a failure wherever the error must come
+The CLI runs in-process; ``loop.load_run_parts`` is replaced by a failure wherever the error must come
 before any weight is loaded.
 """
 import json
@@ -27,7 +27,7 @@ def _train(tmp_path: Path, *extra, name: str = "run") -> list:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if set-up gets as far as loading a model."""
-    monkeypatch.setattr(L, "load_sd", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(L, "load_run_parts", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def _refused(capsys, *fragments: str) -> str:
@@ -120,7 +120,7 @@ def test_any_setup_failure_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch)
     def broken(*a, **k):
         raise RuntimeError("the weights are damaged\nsecond line of detail")
 
-    monkeypatch.setattr(L, "load_sd", broken)
+    monkeypatch.setattr(L, "load_run_parts", broken)
     assert cli.main(_train(tmp_path)) == 2
     err = _refused(capsys, "set-up failed", "RuntimeError: the weights are damaged", f"{cli.TRACEBACK_ENV}=1")
     assert "second line" not in err
@@ -144,7 +144,7 @@ def _fake_run(run: Path, cfg) -> dict:
 def test_overwrite_deletes_nothing_when_setup_fails(tmp_path, capsys, monkeypatch):
     cfg = load_config("tiny_cpu", SMALL + [f"logging.output_dir={tmp_path}", "logging.run_name=run"])
     before = _fake_run(tmp_path / "run", cfg)
-    monkeypatch.setattr(L, "load_sd", lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
+    monkeypatch.setattr(L, "load_run_parts", lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
     assert cli.main(_train(tmp_path, "--overwrite")) == 2
     _refused(capsys, "set-up failed", "disk on fire")
     after = {str(p.relative_to(tmp_path / "run")): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}

@@ -263,6 +263,10 @@ class Batches:
         return self.sampling_batch * self.sampling_batches
 
     @property
+    def trajectories_per_update(self) -> int:
+        return self.train_batch * self.accumulation
+
+    @property
     def held_epochs(self) -> int:
         """Epochs of samples alive at once: the official loop trains on the previous epoch's samples
         while it holds the new ones (2); on-policy training holds one."""
@@ -271,7 +275,7 @@ class Batches:
     @property
     def updates_per_epoch(self) -> int:
         """Optimiser updates of one epoch (validation makes the division exact)."""
-        return max(1, self.trajectories_per_epoch // (self.train_batch * self.accumulation))
+        return max(1, self.trajectories_per_epoch // self.trajectories_per_update)
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,12 @@ class SD3Family:
 
     @staticmethod
     def read_lora(parts, state: Dict[str, Tensor]) -> tuple:
+        """``(state, None)`` for ``load_lora_adapter`` of diffusers' SD 3 LoRA file (no α: scale 1)."""
         from diffusers import StableDiffusion3Pipeline
 
         if any(k.startswith("lora_transformer_") for k in state):
-            raise ValueError("a kohya-style SD 3 LoRA (lora_transformer_* keys, `export --format kohya`): evaluate "
-                             "the diffusers file it was exported from (the run's lora/pytorch_lora_weights.safetensors)")
+            raise ValueError("a kohya-style SD 3 LoRA (lora_transformer_* keys, `export --format kohya`): evaluate the "
+                             "diffusers file it was exported from (the run's lora/pytorch_lora_weights.safetensors)")
         return StableDiffusion3Pipeline.lora_state_dict(state), None
 
 

@@ -38,10 +38,10 @@ def sd3_lora_state_dict(transformer: nn.Module) -> Dict[str, Tensor]:
 
 
 def write_sd3_lora(state: Dict[str, Tensor], directory: str | Path) -> Path:
-    """``state`` (:func:`sd3_lora_state_dict`'s names) as diffusers' SD 3 LoRA file: ``pytorch_lora_weights.safetensors``,
-    keys ``transformer.transformer_blocks.{i}.attn.….lora_A/B.weight``, what ``StableDiffusion3Pipeline.load_lora_weights``
-    reads and ComfyUI maps as it is (its "regular diffusers sd3 lora format"; α absent = scale 1 = this project's
-    ``lora_alpha / rank``)."""
+    """``state`` (:func:`sd3_lora_state_dict`'s names) as diffusers' SD 3 LoRA file,
+    ``pytorch_lora_weights.safetensors`` with keys ``transformer.transformer_blocks.{i}.attn.….lora_A/B.weight``:
+    what ``StableDiffusion3Pipeline.load_lora_weights`` reads and ComfyUI maps as it is (its "regular
+    diffusers sd3 lora format"; α absent = scale 1 = this project's ``lora_alpha / rank``)."""
     from diffusers import StableDiffusion3Pipeline
 
     StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=state, safe_serialization=True)

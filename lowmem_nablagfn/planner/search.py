@@ -68,8 +68,7 @@ def _chunks(rows: int) -> List[int]:
 def candidates(cfg: Config, st: dict, tier: int) -> Iterator[Config]:
     """Configurations of one tier (see the module docstring), all computing the same update."""
     t, s = cfg.training, cfg.sampling
-    per_update = t.batch_size * t.gradient_accumulation_steps
-    per_epoch = s.batch_size * s.num_batches_per_epoch
+    per_update, per_epoch = Batches.of(cfg).trajectories_per_update, Batches.of(cfg).trajectories_per_epoch
     mem, training, model = replace(cfg.memory, mode="optimized"), cfg.training, cfg.model
     if tier >= 2:
         mem = replace(mem, offload_text_encoder=True, offload_trajectories=True)
