@@ -199,18 +199,33 @@ def encode_prompts_sdxl(text_encoders: Sequence[nn.Module], tokenizers: Sequence
     return Conditioning(embeds, pooled, sdxl_time_ids(len(prompts), size, device, embeds.dtype))
 
 
+def unet_forward(unet: nn.Module, x: Tensor, t: Tensor, cond: Cond, dtype: torch.dtype) -> Tensor:
+    """One call of a diffusers UNet (SD 1.x / SDXL) in ``dtype`` on prompt states or a :class:`Conditioning`."""
+    return unet(x.to(dtype), t, **as_conditioning(cond).unet_kwargs(dtype)).sample
+
+
+def cfg_model_fn(forward: Callable[..., Tensor], denoiser: nn.Module, uncond: Cond, guidance_scale: float) -> EpsFn:
+    """``out(x, t, cond) = o_u + w (o_c - o_u)`` — ε, v or the flow velocity, as the model predicts — by
+    one ``forward(denoiser, x, t, cond, dtype)`` call on the doubled batch ``[uncond; cond]``
+    (``uncond``: one row; SDXL's / SD 3's pooled embeddings travel with the rows of both halves), as the
+    diffusers pipelines guide.  The denoiser runs in its own dtype; the guided output is in ``x``'s dtype.
+    Every model family's guided call is this one (``forward``: :func:`unet_forward`, or the family's)."""
+    dtype = next(denoiser.parameters()).dtype
+    uncond_c = as_conditioning(uncond)
+
+    def model_fn(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        c = as_conditioning(cond)
+        both = Conditioning.cat([uncond_c.to(c.device, c.dtype).expand_rows(x.shape[0]), c])
+        out_u, out_c = forward(denoiser, torch.cat([x, x]), torch.cat([t, t]), both, dtype).to(x.dtype).chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return model_fn
+
+
 def cfg_eps_fn(unet: nn.Module, uncond_embeds: Cond, guidance_scale: float) -> EpsFn:
-    """``eps(x, t, cond) = ε_u + w (ε_c - ε_u)``, one UNet call on the doubled batch ``[uncond; cond]``.
-
-    ``uncond_embeds`` is one row; ``cond`` and it are prompt-embedding tensors or
-    :class:`Conditioning` (SDXL's pooled embeddings and time ids travel with the rows, for both
-    halves of the CFG batch).  The UNet runs in its own dtype; the guided output is returned in
-    ``x``'s dtype.  (:func:`~lowmem_nablagfn.models.family.cfg_model_fn` of the UNet family: every
-    family's guided call is that one function.)
-    """
-    from .models.family import UNetFamily, cfg_model_fn
-
-    return cfg_model_fn(UNetFamily, unet, uncond_embeds, guidance_scale)
+    """``eps(x, t, cond) = ε_u + w (ε_c - ε_u)``, one UNet call on the doubled batch ``[uncond; cond]``
+    (:func:`cfg_model_fn` with :func:`unet_forward`)."""
+    return cfg_model_fn(unet_forward, unet, uncond_embeds, guidance_scale)
 
 
 @torch.no_grad()

@@ -169,3 +169,12 @@ def test_a_monitored_run_plans_the_monitor_phase(tmp_path, monkeypatch):
     from lowmem_nablagfn.planner.monitor import monitor_cost
 
     assert pred.phases["monitor"] > monitor_cost(cfg).phase > 0
+
+
+def test_the_fit_check_does_not_guess_for_sd3(monkeypatch, capsys):
+    """The planner has no SD 3.x traces yet: the fit check says so instead of predicting SD 1.5 bytes."""
+    monkeypatch.setattr(planner.gpu, "cuda_vram_gib", lambda: 0.01)
+    cfg = load_config("tiny_cpu", ["device=cuda", "pretrained.model=tiny-sd3", "sampling.scheduler=flow-sde"])
+    assert planner.fit_check(cfg) is None
+    assert "no SD 3.x model yet" in capsys.readouterr().err
+    assert planner.fit_check(load_config("tiny_cpu", ["device=cuda"])) is not None  # 10 MiB: the UNet is refused

@@ -47,9 +47,9 @@ class UNetFamily:
 
     @staticmethod
     def forward(denoiser: nn.Module, x: Tensor, t: Tensor, cond, dtype: torch.dtype) -> Tensor:
-        from ..sampling import as_conditioning
+        from ..sampling import unet_forward
 
-        return denoiser(x.to(dtype), t, **as_conditioning(cond).unet_kwargs(dtype)).sample
+        return unet_forward(denoiser, x, t, cond, dtype)
 
     @staticmethod
     def latent_shape(parts, resolution: int) -> Tuple[int, int, int]:
@@ -141,21 +141,10 @@ def lora_targets(family, configured: Sequence[str]) -> List[str]:
 
 
 def cfg_model_fn(family, denoiser: nn.Module, uncond, guidance_scale: float):
-    """``out(x, t, cond) = o_u + w (o_c - o_u)`` — ε, v or the flow velocity, as the model predicts — by
-    one denoiser call on the doubled batch ``[uncond; cond]`` (``uncond``: one row), as the diffusers
-    pipelines guide.  The denoiser runs in its own dtype; the guided output is in ``x``'s dtype."""
-    from ..sampling import Conditioning, as_conditioning
+    """The family's guided call (:func:`~lowmem_nablagfn.sampling.cfg_model_fn` with ``family.forward``)."""
+    from ..sampling import cfg_model_fn as guided
 
-    dtype = next(denoiser.parameters()).dtype
-    uncond_c = as_conditioning(uncond)
-
-    def model_fn(x: Tensor, t: Tensor, cond) -> Tensor:
-        c = as_conditioning(cond)
-        both = Conditioning.cat([uncond_c.to(c.device, c.dtype).expand_rows(x.shape[0]), c])
-        out_u, out_c = family.forward(denoiser, torch.cat([x, x]), torch.cat([t, t]), both, dtype).to(x.dtype).chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
-
-    return model_fn
+    return guided(family.forward, denoiser, uncond, guidance_scale)
 
 
 def prompt_table(model: str, revision: Optional[str], seed: int, text_options: TextOptions, prompts: Sequence[str],
