@@ -11,10 +11,12 @@ rewards live in host memory in between, which on ``device=cpu`` is the device's 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from ..config import Config
+
+from ..config import Config, to_dict
 from .probes import Probes
 
 
@@ -47,11 +49,22 @@ def monitor_cost(cfg: Config, profile: Optional[Probes] = None) -> Optional[Moni
     GPU, the no-grad cuDNN workspace allowance, as for ``final_reward``), and on ``device=cpu``
     ``cost.host_resident`` is added to every phase.
     """
-    from ..monitor import held_out_prompts, reward_config
-
     mon = cfg.monitor
     if not mon.rewards:
         return None
+    # the search predicts hundreds of candidates of one run: each watched reward's profile is built once
+    key = ("monitor_cost", json.dumps(to_dict(cfg.monitor), sort_keys=True), cfg.sampling.batch_size,
+           cfg.sampling.resolution, cfg.prompts.set)
+    memo = profile.__dict__.setdefault("_monitor_costs", {}) if profile is not None else {}
+    if key not in memo:
+        memo[key] = _monitor_cost(cfg, profile)
+    return memo[key]
+
+
+def _monitor_cost(cfg: Config, profile: Optional[Probes]) -> MonitorCost:
+    from ..monitor import held_out_prompts, reward_config
+
+    mon = cfg.monitor
     rows = min(cfg.sampling.batch_size, len(held_out_prompts(cfg)) * mon.images_per_prompt)
     side = cfg.sampling.resolution
     images = 4.0 * rows * 3 * side * side
