@@ -1,9 +1,10 @@
-"""One command that measures every performance claim on one GPU, in two parts of about 5 minutes each
+"""One command that measures every performance claim on one GPU, in three parts of about 5 minutes each
 on an H100 (start-up included), against the official code's schedule, next to the planner's predictions.
 
     python benchmarks/gpu_validate.py --part 1          # GPU: imports, gpu tests, kernel, SD 1.5 memory/time
     python benchmarks/gpu_validate.py --part 2          # GPU: SDXL, reward models
-    python benchmarks/gpu_validate.py --smoke           # both parts' code paths at tiny sizes on the CPU
+    python benchmarks/gpu_validate.py --part 3          # GPU: SD 3.5 Medium (benchmarks/gpu_sd3.py)
+    python benchmarks/gpu_validate.py --smoke           # every part's code paths at tiny sizes on the CPU
                                                         # (tests/test_gpu_validate.py runs it)
 
 Each part has its own wall-clock budget (``--budget-s``, default 240 s on a GPU): a measurement that
@@ -50,6 +51,16 @@ Part 2 (estimate: 20 s start-up, about 100 s per SDXL target, 60-90 s for the re
 6. **reward models** — ``benchmarks/rewards.py``'s score -> pixel-gradient time and peak memory
    (aesthetic, HPSv2, ImageReward; random full-size weights, fp32, batch 4).
 
+Part 3 (estimate: 20 s start-up, about 110 s per SD 3.5 target, 90 s for the T5 row when time is left):
+
+7. **SD 3.5** (issue #26, :mod:`gpu_sd3`) — the ``sd35m_rtx4090`` preset with ``sd35m-random`` (SD 3.5
+   Medium's architecture, random weights, 1024 px, flow-sde): residual (must fit 24 GB) and the no-flow
+   16 GB variant, one cold profiled round each: peak allocated per phase, peak reserved, time per update
+   next to the planner's prediction from a shipped SD 3 trace (or why there is none).  The prompts go
+   into the prompt cache without T5 (``pretrained.t5=false``: same conditioning shape, zeros, so the
+   training phases cost the same; gpu_sd3's docstring says why); the T5-XXL prompt encoding is then
+   measured alone if the budget leaves time.
+
 Then a verdict against the targets (residual b4 <= 12 GiB reserved, b1 <= 10, no-flow b4 <= 8; each
 <= 1.3x the official time per update; the fastest configuration for this card faster than the
 official; planner within 10 % of ``max_memory_reserved``; kernel >= 20x the loop and >= 50 % of copy
@@ -72,6 +83,7 @@ carry the repository with its ``.whl/`` over, and install them there without net
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     python benchmarks/gpu_validate.py --part 1 --json results/part1.json   # <= 5 min each
     python benchmarks/gpu_validate.py --part 2 --json results/part2.json
+    python benchmarks/gpu_validate.py --part 3 --json results/part3.json
 
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` is set here, as the launchers in launch/ do,
 because the planner assumes it.
@@ -79,12 +91,10 @@ because the planner assumes it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -104,13 +114,12 @@ sys.path.insert(0, str(ROOT))
 # (reported), never the whole command before it has written anything.
 import torch  # noqa: E402
 
+from gpu_common import (QUIET, SMOKE_BASE, Budget, OutOfTime, _error, _pct, deadline, measure,  # noqa: E402,F401
+                        measured_target)
+
 #: Workloads: (preset, overrides) of the GPU run and of the smoke run.
 GPU_BASE = ("sd15_rtx4090", ["pretrained.model=sd15-random", "reward.checkpoint=random", "reward.weight_dtype=fp32",
                              "sampling.guidance_scale=5.0", "training.on_policy=true", "device=cuda"])
-SMOKE_BASE = ("tiny_cpu", ["sampling.num_steps=5", "sampling.batch_size=4", "sampling.num_batches_per_epoch=1",
-                           "training.batch_size=4", "training.gradient_accumulation_steps=1",
-                           "training.on_policy=true", "device=cpu"])
-QUIET = ["logging.tensorboard=false", "logging.sample_grid_seeds=0", "logging.quiet=true"]
 #: SDXL (issue #17): the sdxl_rtx4090 preset at 1024 px with SDXL's architecture and random weights;
 #: (label, overrides, card GiB it must fit): residual on 24 GB, no-flow on 16 GB.
 SDXL_GPU = ("sdxl_rtx4090", ["pretrained.model=sdxl-random", "reward.checkpoint=random", "training.on_policy=true",
@@ -124,50 +133,12 @@ SDXL_ESTIMATE_S = 110.0
 #: The reward models' share of part 2's budget (three full-size models built and timed).
 REWARDS_RESERVE_S = 75.0
 #: The sections of each part, in running order.
-PARTS: Dict[int, List[str]] = {1: ["imports", "tests", "subsample", "memory"], 2: ["sdxl", "rewards"]}
+PARTS: Dict[int, List[str]] = {1: ["imports", "tests", "subsample", "memory"], 2: ["sdxl", "rewards"], 3: ["sd3"]}
 #: Default budget of one part (seconds): 5 minutes on the GPU less start-up and writing.
 PART_BUDGET_S, SMOKE_BUDGET_S = 240.0, 300.0
 TARGET_TIME_RATIO = 1.3
 TARGET_PLAN_ERROR = 0.10
 TARGET_KERNEL_SPEEDUP, TARGET_KERNEL_BW = 20.0, 0.5
-
-
-class OutOfTime(BaseException):
-    """The part's budget ran out inside a section (raised by the alarm of :func:`deadline`; a
-    BaseException so that no ``except Exception`` on the way swallows it)."""
-
-
-class Budget:
-    """Wall-clock budget: sections and measurements past it are skipped with a note."""
-
-    def __init__(self, seconds: float):
-        self.t0, self.seconds = time.perf_counter(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.t0)
-
-
-@contextlib.contextmanager
-def deadline(budget: Budget):
-    """Raise :class:`OutOfTime` in this thread when ``budget`` runs out (a SIGALRM timer), so that a
-    long measurement cannot carry the part past its time; nothing where there is no SIGALRM or off
-    the main thread (then only the checks between measurements hold the budget)."""
-    import threading
-
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def fire(signum, frame):
-        raise OutOfTime(f"stopped at the part's time budget ({budget.seconds:.0f} s)")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, max(budget.left(), 0.001))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------- 1. imports
@@ -257,20 +228,6 @@ def variants(cfg, profile, cards: Dict[str, float], capability) -> List[tuple]:
     return out
 
 
-def measure(c, cfg, warmup: int) -> dict:
-    """One recorded round (sample, then one update) of ``cfg`` on the components ``c``."""
-    from lowmem_nablagfn import profiler
-
-    gc.collect()
-    if c.device.type == "cuda":
-        torch.cuda.empty_cache()  # the previous configuration's cached segments would count as reserved
-    res = profiler.run_profile(cfg, updates=1, warmup=warmup, components=c)
-    s = res["summary"]
-    return {"peak_gib": s["peak_gib"], "reserved_gib": s["reserved_peak_gib"], "s_per_update": s["s_per_update"],
-            "sample_s": s["sample_s_per_round"],
-            "phases_gib": {n: p["peak_gib"] for n, p in res["phases"].items() if not n.startswith("round_")}}
-
-
 def memory_and_time(base: tuple, out_dir: Path, budget: Budget, smoke: bool, reserve_s: float = 0.0) -> List[dict]:
     """Section 4; stops starting measurements when less than ``reserve_s`` of the budget is left.  A
     measurement that fails (a non-finite loss, a kernel error, out of memory, a missing package) is
@@ -357,16 +314,6 @@ def memory_and_time(base: tuple, out_dir: Path, budget: Budget, smoke: bool, res
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
-
-
-def _error(exc: BaseException) -> str:
-    """``Type: first line`` of an exception, for a table cell."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
-def _pct(measured: Optional[float], predicted: Optional[float]) -> str:
-    return "–" if not measured or predicted is None else f"{predicted / measured - 1:+.1%}"
 
 
 def memory_table(rows: List[dict]) -> str:
@@ -524,8 +471,7 @@ def sdxl(out_dir: Path, budget: Budget, smoke: bool, reserve_s: float = 0.0) -> 
                               f"models, about {expected:.0f} s needed)")
             continue
         t0 = time.perf_counter()
-        c = None
-        try:
+        with measured_target(row) as held:
             cfg = load_config(preset, [*extra, *QUIET, f"logging.output_dir={out_dir}", *overrides])
             try:
                 pred = planner.predict(cfg, planner.Probes(cfg, allow_trace=smoke), capability)
@@ -533,17 +479,8 @@ def sdxl(out_dir: Path, budget: Budget, smoke: bool, reserve_s: float = 0.0) -> 
                            predicted_required_gib=pred.required_gib(), predicted_phase=pred.peak_phase)
             except planner.MissingProbe as exc:
                 row["prediction"] = f"no SDXL trace shipped or cached ({exc})"
-            c = T.setup(cfg)
-            row.update(measure(c, cfg, 0))  # no warm-up: the peak is the point, the time a cold round
-        except torch.cuda.OutOfMemoryError as exc:
-            row["skipped"] = f"OOM: {str(exc).splitlines()[0]}"
-        except Exception as exc:  # noqa: BLE001 - reported; the next target runs
-            row["skipped"] = _error(exc)
-        finally:
-            del c
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            held["c"] = T.setup(cfg)
+            row.update(measure(held["c"], cfg, 0))  # no warm-up: the peak is the point, the time a cold round
         expected = time.perf_counter() - t0
         print(f"[sdxl] {name}: {row}", flush=True)
     return rows
@@ -599,8 +536,9 @@ def save(out: dict, texts: Dict[str, str], json_path: Path) -> str:
 def main(argv: Optional[List[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
-    ap.add_argument("--part", choices=["1", "2", "all"], default="all",
-                    help="1: imports, gpu tests, kernel, SD 1.5 memory/time; 2: SDXL, reward models (default all)")
+    ap.add_argument("--part", choices=[*map(str, PARTS), "all"], default="all",
+                    help="1: imports, gpu tests, kernel, SD 1.5 memory/time; 2: SDXL, reward models; 3: SD 3.5 "
+                         "(default all)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"wall-clock budget of each part (default {PART_BUDGET_S:g}; smoke {SMOKE_BUDGET_S:g})")
     ap.add_argument("--tests", nargs="*", default=None, help="paths for pytest -m gpu (default: the test files "
@@ -618,7 +556,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
     from lowmem_nablagfn import results
 
-    parts = [1, 2] if args.part == "all" else [int(args.part)]
+    parts = list(PARTS) if args.part == "all" else [int(args.part)]
     out: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "machine": results.machine(), "smoke": smoke, "parts": parts,
                  "command": " ".join(["python benchmarks/gpu_validate.py", *(sys.argv[1:] if argv is None else argv)])}
@@ -655,8 +593,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                           "random:reduced" if smoke else "random", 2 if smoke else 4, 64 if smoke else 512, device, b)
         return r, rewards_table(r)
 
+    def sd3_section(b):
+        import gpu_sd3  # benchmarks/gpu_sd3.py
+
+        r = gpu_sd3.sd3(tmp / "sd3", b, smoke)
+        return r, gpu_sd3.sd3_table(r)
+
     sections = {"imports": imports_section, "tests": tests_section, "subsample": subsample_section,
-                "memory": memory_section, "sdxl": sdxl_section, "rewards": rewards_section}
+                "memory": memory_section, "sdxl": sdxl_section, "rewards": rewards_section, "sd3": sd3_section}
     try:
         for part in parts:
             budget = Budget(args.budget_s or (SMOKE_BUDGET_S if smoke else PART_BUDGET_S))
@@ -693,7 +637,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f"JSON written to {json_path} (markdown: {json_path.with_suffix('.md')})")
     results_path = args.results or (None if smoke else ROOT / "benchmarks" / "RESULTS.md")
     if results_path is not None:
-        notes = (f"{'SMOKE (tiny model, CPU: checks the code paths, not the figures)' if smoke else 'sd15-random'}; "
+        notes = (f"{'SMOKE (tiny model, CPU: checks the code paths, not the figures)' if smoke else 'random weights'}; "
                  f"part {args.part}, {out['seconds']:.0f} s in all; planner constants as of this commit; "
                  f"JSON: {json_path.name}")
         results.append_results(results_path, f"GPU validation, part {args.part}" + (" (smoke)" if smoke else ""),

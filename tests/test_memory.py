@@ -37,7 +37,7 @@ REWARD = ["reward.name=aesthetic", "reward.checkpoint=random:reduced"]  # a towe
 def _ctx(c, opts):
     """The update context of ``c`` under the memory options ``opts`` (checkpointing switched on/off)."""
     plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)
-    plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)  # the trainer's switch
+    plan.placement.apply_checkpointing(c.parts.denoiser, c.parts.vae, c.reward_model, c.flow_model)  # the trainer's switch
     ctx = T.update_context(c)
     ctx.plan = plan
     return ctx

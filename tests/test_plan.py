@@ -7,6 +7,7 @@ from helpers import SMALL, small_config
 from lowmem_nablagfn import cli, planner, profiler
 from lowmem_nablagfn import loop as L
 from lowmem_nablagfn.config import MemoryConfig, load_config
+from lowmem_nablagfn.memtrack import GiB
 from lowmem_nablagfn.memory import (OFFICIAL, Batches, MemoryPlan, Mode, Phase, Rows, build_plan, executor,
                                     official_memory)
 from lowmem_nablagfn.memory import plan as plan_module
@@ -171,10 +172,14 @@ def test_a_monitored_run_plans_the_monitor_phase(tmp_path, monkeypatch):
     assert pred.phases["monitor"] > monitor_cost(cfg).phase > 0
 
 
-def test_the_fit_check_does_not_guess_for_sd3(monkeypatch, capsys):
-    """The planner has no SD 3.x traces yet: the fit check says so instead of predicting SD 1.5 bytes."""
+def test_the_fit_check_predicts_sd3(monkeypatch):
+    """An SD 3.x run is fit-checked on its own architecture (the transformer, no text encoder), not an SD 1.5
+    estimate in disguise: refused on a 10 MiB card, with SD 3's figures."""
     monkeypatch.setattr(planner.gpu, "cuda_vram_gib", lambda: 0.01)
-    cfg = load_config("tiny_cpu", ["device=cuda", "pretrained.model=tiny-sd3", "sampling.scheduler=flow-sde"])
-    assert planner.fit_check(cfg) is None
-    assert "no SD 3.x model yet" in capsys.readouterr().err
+    cfg = load_config("tiny_cpu", ["device=cuda", "pretrained.model=tiny-sd3"])
+    msg = planner.fit_check(cfg)
+    pred = planner.predict(cfg, planner.Probes(cfg))
+    assert msg is not None and f"peak {pred.peak / GiB:.2f} GiB in {pred.peak_phase}" in msg, msg
+    unet = load_config("tiny_cpu", ["device=cuda"])
+    assert planner.predict(unet, planner.Probes(unet)).peak != pred.peak  # not the UNet's figure
     assert planner.fit_check(load_config("tiny_cpu", ["device=cuda"])) is not None  # 10 MiB: the UNet is refused

@@ -288,7 +288,8 @@ def test_parse_vram(text, gib):
 PRESET_CARDS = {"sd15_rtx4090": "RTX4090-24", "sd15_v100": "V100-16", "sd15_l40": "L40-48",
                 "sd15_nof_lowmem": "8GB", "sd15_a100x8": "A100-80", "sd15_a100x8_fast": "A100-80",
                 "sd15_a100x2": "A100-80", "sd15_a100x8_hpsv2": "A100-80", "sd15_a100x8_imagereward": "A100-80",
-                "sd15_a100x8_pickscore": "A100-80", "sd15_a100x8_aesthetic_pickscore": "A100-80"}
+                "sd15_a100x8_pickscore": "A100-80", "sd15_a100x8_aesthetic_pickscore": "A100-80",
+                "sd35m_rtx4090": "RTX4090-24", "sd35m_a100x8": "A100-80"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_CARDS))

@@ -1,5 +1,5 @@
-"""SD 3.x through the whole loop (issue #26): ``train --preset tiny_cpu pretrained.model=tiny-sd3
-sampling.scheduler=flow-sde`` (shortened: 8 epochs, 16 T5 tokens) trains and the reward rises, with the
+"""SD 3.x through the whole loop (issue #26): ``train --preset tiny_cpu pretrained.model=tiny-sd3``
+(the sampler follows the family: flow-sde; shortened: 8 epochs, 16 T5 tokens) trains and the reward rises, with the
 prompts encoded once into the cache; the LoRA file is the transformer's, ``eval``'s loader reproduces the
 run's final sample from it, and ``--resume`` continues from a checkpoint; a sampler that does not fit the
 model's family is refused in one line before any model loads."""
@@ -19,7 +19,7 @@ from lowmem_nablagfn.config import ConfigError, LoraConfig, load_config, validat
 from lowmem_nablagfn.models.family import SD3Family, UNetFamily, lora_targets
 from lowmem_nablagfn.models.sd3_lora import SD3_LORA_TARGETS
 
-SD3 = ["pretrained.model=tiny-sd3", "sampling.scheduler=flow-sde"]
+SD3 = ["pretrained.model=tiny-sd3"]  # the issue's command: the sampler follows the family (flow-sde)
 SHORT = ["training.num_epochs=8", "pretrained.max_sequence_length=16"]
 
 
@@ -105,12 +105,17 @@ def test_resume_continues_from_the_checkpoint(sd3_run, cache, tmp_path):
 
 def test_a_sampler_outside_the_family_is_refused_before_any_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(L, "load_run_parts", lambda *a, **k: pytest.fail("a model was loaded"))
-    assert cli.main(["train", "--preset", "tiny_cpu", "--quiet", "pretrained.model=tiny-sd3",
+    assert cli.main(["train", "--preset", "tiny_cpu", "--quiet", "pretrained.model=tiny-sd3", "sampling.scheduler=ddim",
                      f"logging.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "takes sampling.scheduler=flow-sde" in err, err
     with pytest.raises(ConfigError, match="flow-sde is for SD 3.x; use sampling.scheduler=ddim"):
         validate(load_config("tiny_cpu", ["sampling.scheduler=flow-sde"]))
+    # unset, the sampler is the family's (an explicit one is kept, and checked above)
+    assert load_config("tiny_cpu", ["pretrained.model=tiny-sd3"]).sampling.scheduler == "flow-sde"
+    assert load_config("tiny_cpu").sampling.scheduler == "ddim"
+    assert load_config("sdxl_rtx4090", ["pretrained.model=tiny-sd3"]).sampling.scheduler == "flow-sde"
+    assert load_config("sdxl_a100x8", ["pretrained.model=tiny-sd3"]).sampling.scheduler == "ddim"  # the preset's
     with pytest.raises(ConfigError, match="pretrained.t5 / pretrained.max_sequence_length"):
         validate(load_config("tiny_cpu", ["pretrained.t5=false"]))
 

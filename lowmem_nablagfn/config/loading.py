@@ -149,7 +149,24 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"bad configuration value{f' for {key}' if key else ''}: {what} "
                           f"(see `lowmem-nablagfn help-config`)") from None
     cfg: Config = OmegaConf.to_object(merged)
+    explicit = any(OmegaConf.select(layer, "sampling.scheduler") is not None for layer in layers[1:]) or any(
+        _normalise_override(o).split("=", 1)[0].strip() == "sampling.scheduler" for o in overrides)
+    if not explicit:
+        cfg.sampling.scheduler = family_sampler(cfg.pretrained.model, cfg.pretrained.revision)
     return cfg
+
+
+def family_sampler(model: str, revision: Optional[str] = None) -> str:
+    """The sampler of ``pretrained.model``'s family when the configuration names none: ``flow-sde`` for
+    SD 3.x (flow matching needs it), else ``ddim``.  The family is read without loading anything
+    (:func:`~.validation.is_sd3_model`); an uncached hub id counts as SD 3.x when its name says
+    ``stable-diffusion-3`` (Stability AI's naming) — a wrong guess is refused by the loading check."""
+    from .validation import is_sd3_model
+
+    sd3 = is_sd3_model(model, revision)
+    if sd3 is None:
+        sd3 = "stable-diffusion-3" in model.lower()
+    return "flow-sde" if sd3 else "ddim"
 
 
 def to_dict(cfg: Config) -> dict:

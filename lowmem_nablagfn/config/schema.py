@@ -89,7 +89,8 @@ class ModelConfig:
 class SamplingConfig:
     scheduler: str = "ddim"
     """``ddim`` (DDPM: DDIM with eta = 1) or ``dpm-solver`` (first-order SDE-DPM-Solver++) for SD 1.x /
-    SDXL; ``flow-sde`` (Flow-GRPO's SDE sampler) for SD 3.x, which needs it."""
+    SDXL; ``flow-sde`` (Flow-GRPO's SDE sampler) for SD 3.x, which needs it.  Unset by the preset and
+    the command line, it follows ``pretrained.model``'s family: ``flow-sde`` for SD 3.x, else ``ddim``."""
     num_steps: int = 50
     """Sampling steps T (the paper: 50 for DDPM, 20 for SDE-DPM-Solver++)."""
     eta: float = 1.0

@@ -96,12 +96,15 @@ def attention_kernels(cfg: Config, models: "Models", capability: Tuple[int, int]
     ``math`` forces the math kernel everywhere; ``xformers`` counts as ``mem_efficient`` (its kernels
     keep the same buffers; none exists for bf16 before sm80, where it is reported as ``math``)."""
     frozen = DTYPES[cfg.training.mixed_precision]
-    unet_cfg, vae_cfg = models.unet.config, models.vae.config
-    # with ``num_attention_heads`` unset, diffusers reads ``attention_head_dim`` as the number of heads
-    heads = getattr(unet_cfg, "num_attention_heads", None) or unet_cfg.attention_head_dim
-    widths = list(unet_cfg.block_out_channels)
-    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
-    unet_head_dim = max(c // h for c, h in zip(widths, heads))
+    unet_cfg, vae_cfg = models.denoiser.config, models.vae.config
+    if models.is_sd3:  # the MMDiT's joint attention: heads of attention_head_dim
+        unet_head_dim = unet_cfg.attention_head_dim
+    else:
+        # with ``num_attention_heads`` unset, diffusers reads ``attention_head_dim`` as the number of heads
+        heads = getattr(unet_cfg, "num_attention_heads", None) or unet_cfg.attention_head_dim
+        widths = list(unet_cfg.block_out_channels)
+        heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+        unet_head_dim = max(c // h for c, h in zip(widths, heads))
     # the VAE's mid-block attention: one head over all channels
     parts = {"unet": (frozen, unet_head_dim), "vae": (frozen, vae_cfg.block_out_channels[-1])}
     if models.flow_model is not None and not cfg.model.no_flow:
@@ -114,6 +117,19 @@ def attention_kernels(cfg: Config, models: "Models", capability: Tuple[int, int]
             k = sdpa_kernel(dtype, capability, head_dim)
             out[name] = "mem_efficient" if cfg.memory.attention == "xformers" and k == "flash" else k
     return out
+
+
+def attention_extent(models: "Models", latent_hw: Tuple[int, int]) -> int:
+    """Tokens x channels of the largest attention layer of one row (what :data:`ATTN_SCRATCH_BYTES` scales):
+    the UNet's first level (latent pixels x its first width), the VAE's mid-block (latent pixels x its last
+    width), or SD 3.x's joint attention (patches + text tokens x heads · head width)."""
+    h, w = latent_hw
+    vae = h * w * models.vae.config.block_out_channels[-1]
+    c = models.denoiser.config
+    if models.is_sd3:
+        tokens = (h // c.patch_size) * (w // c.patch_size) + models.text_shape[0]
+        return max(tokens * c.num_attention_heads * c.attention_head_dim, vae)
+    return max(h * w * c.block_out_channels[0], vae)
 
 
 def cudnn_workspace_bytes(models: "Models", latent_hw: Tuple[int, int], itemsize: int) -> Dict[str, float]:
@@ -132,7 +148,7 @@ def cudnn_workspace_bytes(models: "Models", latent_hw: Tuple[int, int], itemsize
         itemsize: bytes per element of the convolutions' inputs (the frozen dtype).
     """
     h, w = latent_hw
-    unet = models.unet.config.block_out_channels
+    unet = [] if models.is_sd3 else models.denoiser.config.block_out_channels  # the MMDiT: no 3x3 convolution
     vae = list(models.vae.config.block_out_channels)
     # UNet level i runs at latent / 2^i; the VAE decoder's level i at pixels / 2^i (latent x
     # 2^(levels-1)), its first convolution there still fed by level i+1's channels

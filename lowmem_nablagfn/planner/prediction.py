@@ -17,7 +17,7 @@ from ..config import Config
 from ..dtypes import DTYPES
 from ..memory import MemoryPlan, build_plan
 from ..memtrack import GiB
-from .gpu import (ATTN_SCRATCH_BYTES, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_kernels,
+from .gpu import (ATTN_SCRATCH_BYTES, DEFAULT_CAPABILITY, MIN_SLACK_GIB, attention_extent, attention_kernels,
                   card_context_gib, cudnn_workspace_bytes, default_capability, fragmentation_default)
 from .costs import CALL_OVERHEAD, update_costs
 from .monitor import monitor_cost
@@ -97,7 +97,7 @@ def predict(cfg: Config, profile: Probes, capability: Optional[Tuple[int, int]] 
     math_f = {"math_flow": True} if kernels.get("flow") == "math" else {}
     c, h, w = st["latent_shape"]
     latent = c * h * w
-    text = st["text_shape"][0] * st["text_shape"][1] * st["text_itemsize"]
+    text = st["text_row"]
     storage = placement.storage_dtype.itemsize  # kept transitions
     kept = bt.kept
     numels = list(st["trainable_numels"])
@@ -119,6 +119,8 @@ def predict(cfg: Config, profile: Probes, capability: Optional[Tuple[int, int]] 
     if not placement.store_only_trained:  # all T steps of the sampling batch are stored, then gathered
         traj_sample += bt.sampling_batch * bt.num_steps * 3 * latent * storage
     base = weights + text_encoder + opt
+    if host_is_device:  # SD 3.x's prompt table waits in host memory: the CPU's own (0 for the UNet families)
+        base += st["prompt_table"]
 
     # sampling, encode, final reward (no graph)
     b = bt.sampling_batch
@@ -161,8 +163,7 @@ def predict(cfg: Config, profile: Probes, capability: Optional[Tuple[int, int]] 
     notes = []
     if gpu:
         workspace = cudnn_workspace_bytes(profile.models, (h, w), DTYPES[t.mixed_precision].itemsize)
-        scratch = ATTN_SCRATCH_BYTES * h * w * max(profile.models.unet.config.block_out_channels[0],
-                                                   profile.models.vae.config.block_out_channels[-1])
+        scratch = ATTN_SCRATCH_BYTES * attention_extent(profile.models, (h, w))
         for name in phases:
             if name in costs:  # a pass with a backward: workspace and the scratch of one call's rows
                 allowances[name] = workspace["grad"] + scratch * costs[name].call_rows

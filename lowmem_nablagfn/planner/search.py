@@ -192,13 +192,5 @@ def fit_check(cfg: Config, plan: Optional[MemoryPlan] = None) -> Optional[str]:
     vram = gpu.cuda_vram_gib()  # looked up at call time: tests stand in a card
     if vram is None:
         return None
-    from ..config.validation import is_sd3_model
-
-    if is_sd3_model(cfg.pretrained.model, cfg.pretrained.revision):  # not an SD 1.5 estimate in disguise
-        import sys
-
-        print(f"lowmem-nablagfn: warning: the planner has no SD 3.x model yet (issue #26): no fit check for "
-              f"pretrained.model={cfg.pretrained.model}", file=sys.stderr)
-        return None
     return check_fits(cfg, vram, verbose=True, plan=plan)  # an architecture traced for the first time takes minutes
 

@@ -87,28 +87,36 @@ class Tracer:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from ..diffusion import make_schedule
-        from ..sampling import cfg_eps_fn
+        from ..dtypes import DTYPES
+        from ..update import policy_eps_fn
 
         self.cfg, self.m = cfg, models
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        for module in (models.unet, models.vae, *models.text_encoders, models.flow_model, models.reward):
+        for module in (models.denoiser, models.vae, *models.text_encoders, models.flow_model, models.reward):
             _fakeify(module, self.mode)
-        self.lora = [p for n, p in models.unet.named_parameters() if "lora_" in n]
+        self.lora = [p for n, p in models.denoiser.named_parameters() if "lora_" in n]
         self.sched = make_schedule(cfg.sampling.scheduler, cfg.sampling.num_steps, cfg.sampling.eta)
-        self.te_dtype = next(models.text_encoder.parameters()).dtype
+        self.te_dtype = (next(models.text_encoder.parameters()).dtype if models.text_encoder is not None
+                         else DTYPES[cfg.training.mixed_precision])  # SD 3.x: the prompt table's
         with self.mode:
             self.uncond = self._cond(1)
-        self.eps_fn = cfg_eps_fn(models.unet, self.uncond, cfg.sampling.guidance_scale)
+        # the trainer's guided call of the model's family (ε of a UNet, the transformer's velocity)
+        self.eps_fn = policy_eps_fn(models.denoiser, self.uncond, cfg.sampling.guidance_scale, self.sched)
+        # a timestep of the middle of the schedule, in the schedule's dtype (DDPM: long; flow: float 1000 t)
+        self.t_mid = 500 if self.sched.timesteps.dtype == torch.long else 500.0
 
     # -- helpers (called inside the fake mode)
     def _latents(self, r: int, grad: bool = False) -> Tensor:
         return torch.randn(r, *self.m.latent_shape, requires_grad=grad)
 
     def _cond(self, r: int):
-        """Prompt conditioning of ``r`` rows (SDXL: a ``Conditioning`` with pooled embeddings and time ids)."""
+        """Prompt conditioning of ``r`` rows (SDXL: a ``Conditioning`` with pooled embeddings and time ids;
+        SD 3.x: prompt embeddings and pooled ones)."""
         from ..sampling import Conditioning, sdxl_time_ids
 
         embeds = torch.randn(r, *self.m.text_shape, dtype=self.te_dtype)
+        if self.m.is_sd3:
+            return Conditioning(embeds, torch.randn(r, self.m.pooled_dim, dtype=self.te_dtype))
         te2 = self.m.text_encoder_2
         if te2 is None:
             return embeds
@@ -126,7 +134,7 @@ class Tracer:
         """The executor's context on the traced models: the trainer's own (:func:`~lowmem_nablagfn.update.update_context`)."""
         from ..update import update_context
 
-        return update_context(self.cfg, self.m.unet, self.m.vae, self.m.reward,
+        return update_context(self.cfg, self.m.denoiser, self.m.vae, self.m.reward,
                               self.m.flow_model if residual else None, self.uncond, self.sched, plan=plan)
 
     def _grad_chain(self, meter: _Meter, fn, x: Tensor) -> None:
@@ -149,21 +157,21 @@ class Tracer:
         from ..models import set_attention_backend
         from ..sampling import as_conditioning
 
-        switch_checkpointing(flags, self.m.unet, self.m.vae, self.m.reward, self.m.flow_model)
+        switch_checkpointing(flags, self.m.denoiser, self.m.vae, self.m.reward, self.m.flow_model)
         # the math SDPA kernel materialises the attention matrices (traced); flash / memory-efficient
         # kernels keep what the CPU's fused kernel keeps (output and log-sum-exp)
-        set_attention_backend((self.m.unet, self.m.vae), "math" if flags.get("math") else "sdpa")
+        set_attention_backend((self.m.denoiser, self.m.vae), "math" if flags.get("math") else "sdpa")
         set_attention_backend((self.m.flow_model,), "math" if flags.get("math_flow") else "sdpa")
         with self.mode, quiet(), LiveBytes() as mem, FlopCount() as fc:
             # known up front, so that views of weights (a linear layer's ``t()``) count as nothing new
-            mem.register_modules(self.m.unet, self.m.vae, *self.m.text_encoders, self.m.flow_model, self.m.reward)
+            mem.register_modules(self.m.denoiser, self.m.vae, *self.m.text_encoders, self.m.flow_model, self.m.reward)
             mem.register(as_conditioning(self.uncond).tensors())
             return getattr(self, f"_probe_{name}")(mem, fc, r)
 
     def _probe_unet_chain(self, mem, fc, r):
         from ..diffusion import pred_x0
 
-        t = torch.full((r,), 500, dtype=torch.long)
+        t = torch.full((r,), self.t_mid)
         cond, alpha = self._cond(r), torch.full((r, 1, 1, 1), 0.5)
         x = self._latents(r, grad=True)
         meter = _Meter(mem, fc)
@@ -194,7 +202,7 @@ class Tracer:
         return meter.out
 
     def _probe_unet_sample(self, mem, fc, r):
-        t, cond = torch.full((r,), 500, dtype=torch.long), self._cond(r)
+        t, cond = torch.full((r,), self.t_mid), self._cond(r)
         return self._nograd(mem, fc, lambda v: self.eps_fn(v, t, cond), self._latents(r))
 
     def _probe_vae_nograd(self, mem, fc, r):
@@ -206,6 +214,8 @@ class Tracer:
 
     def _probe_encode(self, mem, fc, r):
         ids = torch.zeros(r, self.m.text_shape[0], dtype=torch.long)
+        if self.m.is_sd3:  # rows of the prompt table (host memory) copied to the device
+            return self._nograd(mem, fc, lambda v: self._cond(v.shape[0]), ids)
         if self.m.text_encoder_2 is None:
             return self._nograd(mem, fc, lambda v: self.m.text_encoder(v)[0], ids)
         return self._nograd(mem, fc, lambda v: torch.cat(  # SDXL: both encoders' penultimate states
