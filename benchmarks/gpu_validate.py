@@ -195,8 +195,8 @@ def reconfigure(c, cfg) -> bool:
     from lowmem_nablagfn.memory import build_plan
 
     c.cfg, c.plan = cfg, build_plan(cfg)  # these components now run cfg's plan
-    c.plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)
-    for te in getattr(c.parts, "text_encoders", [c.parts.text_encoder]):  # SDXL has two
+    c.plan.placement.apply_checkpointing(c.parts.denoiser, c.parts.vae, c.reward_model, c.flow_model)
+    for te in c.parts.text_encoders:  # SDXL has two; SD 3 none (its prompt table is host memory)
         te.to("cpu" if cfg.memory.offload_text_encoder else c.device)
     rebuilt = False
     if type(c.optimizer).__name__ != {"adamw": "AdamW", "adamw8bit": "AdamW8bit",

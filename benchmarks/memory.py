@@ -87,7 +87,7 @@ def make_rows(c, n_traj: int, seed: int = 0) -> Rows:
 def measure(c, rows: Rows, opts: dict) -> dict:
     """Peak bytes and time of one ``accumulate_gradients`` call under the memory options ``opts``."""
     plan = build_plan(MemoryConfig(**opts), c.flow_model is not None)  # the plan the trainer would run
-    plan.placement.apply_checkpointing(c.parts.unet, c.parts.vae, c.reward_model, c.flow_model)
+    plan.placement.apply_checkpointing(c.parts.denoiser, c.parts.vae, c.reward_model, c.flow_model)
     ctx = T.update_context(c)
     ctx.plan = plan
     c.optimizer.zero_grad(set_to_none=True)
@@ -96,7 +96,7 @@ def measure(c, rows: Rows, opts: dict) -> dict:
 
     existing = [rows.x, rows.x_next, rows.eps_sampled, rows.step_index, rows.end,
                 *as_conditioning(rows.cond).tensors(), *as_conditioning(c.uncond).tensors()]
-    for module in (c.parts.unet, c.parts.vae, *c.parts.text_encoders, c.flow_model, c.reward_model):
+    for module in (c.parts.denoiser, c.parts.vae, *c.parts.text_encoders, c.flow_model, c.reward_model):
         if module is not None:
             existing += list(module.parameters()) + list(module.buffers())
     n_end = float(rows.end.sum())

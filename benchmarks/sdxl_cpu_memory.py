@@ -109,58 +109,85 @@ def table(results: Dict[str, dict]) -> str:
         for name, r in results.items())
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--resolution", type=int, default=None, help="default 256 (smoke: 64)")
-    ap.add_argument("--trajectories", type=int, default=2, help="trajectories per update (2 kept transitions each)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--smoke", action="store_true", help="tiny-sdxl: the code path, in seconds")
+def measure_variants(preset: str, base: List[str], variants: Dict[str, List[str]], label: str) -> Dict[str, dict]:
+    """One profiled round of each variant (overrides on ``base``; ``official``: the planner's official baseline)
+    next to its prediction.  The models are built once per objective (residual / no-flow) and each variant
+    switches them to its memory plan in place (``gpu_validate.reconfigure``)."""
+    out: Dict[str, dict] = {}
+    by_objective: Dict[bool, List[str]] = {}
+    for name, overrides in variants.items():
+        by_objective.setdefault("model.no_flow=true" in overrides, []).append(name)
+    for no_flow, group in by_objective.items():
+        t0 = time.perf_counter()
+        c = T.setup(load_config(preset, base + [f"model.no_flow={no_flow}"]))
+        warm_optimizer(c)
+        print(f"set-up {time.perf_counter() - t0:.0f} s ({label}, no_flow={no_flow})", flush=True)
+        for name in group:
+            cfg = load_config(preset, base + variants[name])
+            if name == "official":
+                cfg = planner.official_baseline(cfg)
+            if reconfigure(c, cfg):
+                warm_optimizer(c)
+            out[name] = r = run_variant(c, cfg, planner.Probes(cfg))
+            print(f"[{name}] peak {r['peak_gib']:.3f} GiB measured, {r['predicted_peak_gib']:.3f} predicted "
+                  f"({r['predicted_phase']}); {r['seconds']:.0f} s", flush=True)
+        del c
+        gc.collect()
+    return out
+
+
+def cpu_memory_parser(doc: str, variants: Dict[str, List[str]], resolution: int, trajectories: int,
+                      smoke: str) -> argparse.ArgumentParser:
+    """The options of a CPU memory benchmark (this one, benchmarks/sd3_cpu_memory.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolution", type=int, default=None, help=f"pixels; default {resolution} (smoke: 64)")
+    ap.add_argument("--trajectories", type=int, default=trajectories,
+                    help="trajectories per update (2 kept transitions each)")
+    ap.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
+    ap.add_argument("--smoke", action="store_true", help=f"{smoke}: the code path, in seconds")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every variant")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def chosen(ap: argparse.ArgumentParser, args, variants: Dict[str, List[str]]) -> Dict[str, List[str]]:
+    """The variants ``--variants`` names, in its order (an unknown name: the parser's error)."""
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        ap.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+        ap.error(f"unknown variant(s) {unknown}: choose from {', '.join(variants)}")
+    return {n: variants[n] for n in names}
+
+
+def write_results(args, title: str, text: str, notes: str) -> None:
+    """Append the table to benchmarks/RESULTS.md (or ``--results``), unless ``--no-results``."""
+    if args.no_results:
+        return
+    if args.results is None:
+        append_results(title, " ".join(["python"] + sys.argv), text, notes)
+    else:
+        from lowmem_nablagfn import results
+
+        results.append_results(args.results, title, "smoke" if args.smoke else " ".join(sys.argv), text, notes)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
+    ap = cpu_memory_parser(__doc__, VARIANTS, 256, 2, "tiny-sdxl")
+    args = ap.parse_args(argv)
+    variants = chosen(ap, args, VARIANTS)
     model = "tiny-sdxl" if args.smoke else "sdxl-random"
     res = args.resolution or (64 if args.smoke else 256)
-    out: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = workload(model, res, args.trajectories, tmp, args.overrides)
-        by_objective: Dict[bool, List[str]] = {}
-        for name in names:  # the models are loaded once per objective (residual / no-flow)
-            by_objective.setdefault("model.no_flow=true" in VARIANTS[name], []).append(name)
-        for no_flow, group in by_objective.items():
-            t0 = time.perf_counter()
-            c = T.setup(load_config("sdxl_rtx4090", base + [f"model.no_flow={no_flow}"]))
-            warm_optimizer(c)
-            print(f"set-up {time.perf_counter() - t0:.0f} s ({model}, {res} px, no_flow={no_flow})", flush=True)
-            for name in group:
-                cfg = load_config("sdxl_rtx4090", base + VARIANTS[name])
-                if name == "official":
-                    cfg = planner.official_baseline(cfg)
-                if reconfigure(c, cfg):
-                    warm_optimizer(c)
-                out[name] = r = run_variant(c, cfg, planner.Probes(cfg))
-                print(f"[{name}] peak {r['peak_gib']:.3f} GiB measured, {r['predicted_peak_gib']:.3f} predicted "
-                      f"({r['predicted_phase']}); {r['seconds']:.0f} s", flush=True)
-            del c
-            gc.collect()
+        out = measure_variants("sdxl_rtx4090", base, variants, f"{model}, {res} px")
     text = table(out)
     print(text)
-    if not args.no_results:
-        notes = (f"{model}, {res} px, fp32 on the CPU, sdxl_rtx4090 preset (CFG 5, LoRA r8, aesthetic reward "
-                 f"ViT-L/14 random weights fp32), T = 10, {args.trajectories} trajectories x 2 kept transitions per "
-                 f"update; measured: memtrack.LiveBytes over one profiled round after the optimiser state exists; "
-                 f"predicted: planner.predict (device=cpu, no GPU allowances). {machine()}")
-        path = args.results
-        if path is None:
-            append_results("SDXL shapes on the CPU: measured vs planner", " ".join(["python"] + sys.argv), text, notes)
-        else:
-            from lowmem_nablagfn import results
-
-            results.append_results(path, "SDXL shapes on the CPU: measured vs planner", "smoke", text, notes)
+    write_results(args, "SDXL shapes on the CPU: measured vs planner", text,
+                  f"{model}, {res} px, fp32 on the CPU, sdxl_rtx4090 preset (CFG 5, LoRA r8, aesthetic reward "
+                  f"ViT-L/14 random weights fp32), T = 10, {args.trajectories} trajectories x 2 kept transitions per "
+                  f"update; measured: memtrack.LiveBytes over one profiled round after the optimiser state exists; "
+                  f"predicted: planner.predict (device=cpu, no GPU allowances). {machine()}")
     return out
 
 

@@ -27,12 +27,23 @@ from .memtrack import GiB
 from .sampling import Conditioning, as_conditioning
 
 def _tensors(c, data) -> List[torch.Tensor]:
-    """Everything the run holds before recording starts: models, optimiser state, samples."""
+    """Everything the run holds before recording starts: models, optimiser state, samples and, for
+    SD 3.x, the cached prompt table.
+
+    The table stands where the UNet families' text encoders stand: resident for the whole run, in host
+    memory (:func:`~lowmem_nablagfn.models.family.load_run_parts`).  On the CPU it is part of the live
+    total (the rows ``encode`` gathers from it are new tensors, counted as they are made; the CFG row
+    ``c.uncond`` shares its storage with the table's, counted once); on CUDA the allocator does not see
+    host memory, and ``existing`` is not read."""
+    parts = c.parts
     out: List[torch.Tensor] = []
-    for module in (c.parts.unet, c.parts.vae, *c.parts.text_encoders, c.flow_model, c.reward_model):
+    for module in (parts.denoiser, parts.vae, *parts.text_encoders, c.flow_model, c.reward_model):
         if module is not None:
             out += list(module.parameters()) + list(module.buffers())
             out += [p.grad for p in module.parameters() if p.grad is not None]
+    table = getattr(parts, "prompt_table", None)  # SD3Parts only (SDParts encode with their text encoders)
+    if table is not None:
+        out += table.table.tensors() + table.uncond.tensors()
     opt = c.optimizer
     if opt is not None:
         for state in opt.state.values():

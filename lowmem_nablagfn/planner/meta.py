@@ -169,7 +169,7 @@ def build_meta(cfg: Config) -> Models:
                       pooled_dim=parts.transformer_config["pooled_projection_dim"],
                       prompt_rows=len(run_prompts(cfg.prompts.set)) + 1)
     text_shape = (parts.text_encoder.config.max_position_embeddings, parts.prompt_embed_dim)
-    return Models(parts.unet, parts.vae, parts.text_encoder, flow, reward, lora_params, latent_shape, text_shape,
+    return Models(parts.denoiser, parts.vae, parts.text_encoder, flow, reward, lora_params, latent_shape, text_shape,
                   source, text_encoder_2=parts.text_encoder_2)
 
 
