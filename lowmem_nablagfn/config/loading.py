@@ -158,15 +158,19 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
 
 def family_sampler(model: str, revision: Optional[str] = None) -> str:
     """The sampler of ``pretrained.model``'s family when the configuration names none: ``flow-sde`` for
-    SD 3.x (flow matching needs it), else ``ddim``.  The family is read without loading anything
-    (:func:`~.validation.is_sd3_model`); an uncached hub id counts as SD 3.x when its name says
+    SD 3.x (flow matching needs it), else ``ddim``."""
+    return "flow-sde" if is_sd3_family(model, revision) else "ddim"
+
+
+def is_sd3_family(model: str, revision: Optional[str] = None) -> bool:
+    """Whether ``pretrained.model`` is taken for SD 3.x before anything loads (the default sampler, the
+    planner's architecture): what :func:`~.validation.is_sd3_model` reads (built-in names, a directory's or
+    cached snapshot's ``model_index.json``), else, for an uncached hub id, whether its name says
     ``stable-diffusion-3`` (Stability AI's naming) — a wrong guess is refused by the loading check."""
     from .validation import is_sd3_model
 
     sd3 = is_sd3_model(model, revision)
-    if sd3 is None:
-        sd3 = "stable-diffusion-3" in model.lower()
-    return "flow-sde" if sd3 else "ddim"
+    return "stable-diffusion-3" in model.lower() if sd3 is None else sd3
 
 
 def to_dict(cfg: Config) -> dict:

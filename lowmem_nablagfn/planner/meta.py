@@ -87,11 +87,10 @@ def _sd3_configs(model: str, revision: Optional[str]) -> Optional[Tuple[dict, st
     """An SD 3.x model's ``transformer`` and ``vae`` configs (the text encoders are never resident: the
     prompt table replaces them), or None for another family.  A local directory or cached hub snapshot
     is read; an uncached hub id whose name says ``stable-diffusion-3`` is SD 3.5 Medium's architecture."""
-    from ..config import is_sd3_model
+    from ..config.loading import is_sd3_family
     from ..models.sd3 import sd3_builtin_configs
 
-    sd3 = is_sd3_model(model, revision)
-    if sd3 is False or (sd3 is None and "stable-diffusion-3" not in model.lower()):
+    if not is_sd3_family(model, revision):
         return None
     files = {part: _component_config(model, part, revision) for part in ("transformer", "vae")}
     if None in files.values():
@@ -133,10 +132,12 @@ class Models:
     """SD 3.x: width of the pooled prompt embedding (SD 3.5: 2048; SDXL's is read off its encoder)."""
     prompt_rows: int = 0
     """SD 3.x: rows of the run's prompt table (its prompts and the CFG row), held in host memory."""
+    family: str = "unet"
+    """The model family's name (:attr:`~lowmem_nablagfn.models.family.UNetFamily.name`, ``SD3Family.name``)."""
 
     @property
     def is_sd3(self) -> bool:
-        return self.text_encoder is None
+        return self.family == "sd3"
 
     @property
     def text_encoders(self) -> List[nn.Module]:
@@ -162,12 +163,12 @@ def build_meta(cfg: Config) -> Models:
         lora_params, flow, latent_shape = trainable.lora_params, trainable.flow_model, trainable.latent_shape
         reward = build_reward(rcfg, "meta")
     if sd3:  # no text encoder: the prompt table's rows, (77 + T5 tokens, joint width) and pooled
-        from ..models.family import run_prompts
+        from ..models.family import family_of, run_prompts
 
         return Models(parts.denoiser, parts.vae, None, flow, reward, lora_params, latent_shape,
                       (parts.prompt_length, parts.prompt_embed_dim), source,
                       pooled_dim=parts.transformer_config["pooled_projection_dim"],
-                      prompt_rows=len(run_prompts(cfg.prompts.set)) + 1)
+                      prompt_rows=len(run_prompts(cfg.prompts.set)) + 1, family=family_of(parts).name)
     text_shape = (parts.text_encoder.config.max_position_embeddings, parts.prompt_embed_dim)
     return Models(parts.denoiser, parts.vae, parts.text_encoder, flow, reward, lora_params, latent_shape, text_shape,
                   source, text_encoder_2=parts.text_encoder_2)
